@@ -1,0 +1,19 @@
+"""The full cache: the exact reference (keeps everything at the geometry dtype)."""
+from __future__ import annotations
+
+import dataclasses
+
+from compress.base import Compressor, full_slots, full_step, register
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Full(Compressor):
+  """Keeps every token; ignores the budget (its bits show what exactness costs)."""
+  name = 'full'
+  family = 'reference'
+  respects_budget = False
+
+  @property
+  def passthrough(self) -> bool:
+    return True
