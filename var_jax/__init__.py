@@ -1,0 +1,5 @@
+"""A faithful flax.nnx port of VAR (next-scale prediction) and its multi-scale VQ-VAE."""
+from var_jax.api import Generation, VARModel, load_converted, load_official
+from var_jax.config import SIZES, VARConfig, VQVAEConfig
+
+__all__ = ['Generation', 'VARModel', 'load_converted', 'load_official', 'SIZES', 'VARConfig', 'VQVAEConfig']

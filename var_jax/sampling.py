@@ -1,0 +1,249 @@
+"""Class-conditional VAR sampling with classifier-free guidance and a pluggable KV-cache policy.
+
+`generate` follows the official `VAR.autoregressive_infer_cfg`: every image is two sequences (the
+class, then the null class), scale k's logits are guided with t = cfg * k / (K - 1) as
+(1 + t) * cond - t * uncond, filtered by top-k then top-p (official `sample_with_top_k_top_p_`) and
+sampled; the codes update the VQ-VAE's f_hat, whose area-downsampled map is the next scale's input.
+
+One jitted function per scale (static shapes), taking and returning the cache-policy state with its
+buffers donated. The compiled functions are cached by jax.jit on (graph of the models, policy,
+scale, top_k, top_p, capture flags, shapes), so repeated calls with the same settings do not
+recompile; `cfg` is a traced value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from var_jax.kvcache import CachePolicy, FullCache
+from var_jax.var import VAR
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOutput:
+  """What `generate` returns.
+
+  tokens: per scale (B, pn^2) int32 codes.
+  images: (B, H, W, 3) in [0, 1].
+  cache: the final policy state (FullCache: per layer a KVCache with k, v (2B, H, L, hd),
+    conditional half first).
+  qkv: with capture_qkv, per scale a tuple over layers of (q, k, v), each (2B, H, pn^2, hd), exactly
+    what the policy was given (q pre-scaled); else None.
+  logits: with capture_logits, per scale the raw (unguided) logits (2B, pn^2, V) fp32, conditional
+    half first; else None.
+  """
+  tokens: list[Array]
+  images: Array
+  cache: Any
+  qkv: list[tuple[tuple[Array, Array, Array], ...]] | None = None
+  logits: list[Array] | None = None
+
+
+def _top_p_threshold(desc_BlK: Array, top_p: float) -> Array:
+  """(B, l, 1): the smallest logit top-p keeps among candidates sorted descending.
+
+  Official top-p removes, in ascending order, the logits whose cumulative probability is
+  <= 1 - top_p, always keeping the largest; the removed set is a prefix of the ascending order.
+  """
+  asc_BlK = desc_BlK[..., ::-1]
+  cum_BlK = jnp.cumsum(jax.nn.softmax(asc_BlK.astype(jnp.float32), axis=-1), axis=-1)
+  n_removed_Bl1 = jnp.sum(cum_BlK <= 1 - top_p, axis=-1, keepdims=True)
+  n_removed_Bl1 = jnp.minimum(n_removed_Bl1, asc_BlK.shape[-1] - 1)   # the largest always stays
+  return jnp.take_along_axis(asc_BlK, n_removed_Bl1, axis=-1)
+
+
+def top_k_top_p_filter(logits_BlV: Array, top_k: int = 0, top_p: float = 0.0) -> Array:
+  """Official `sample_with_top_k_top_p_` masking: removed logits become -inf.
+
+  top-k keeps logits >= the k-th largest (top_k <= 0 or >= V: off); top-p then keeps the smallest
+  set of largest logits whose probability exceeds top_p (top_p <= 0: off). Top-p is applied as a
+  threshold, so ties at the threshold are kept (the official scatter breaks them by sort order).
+  """
+  vocab = logits_BlV.shape[-1]
+  use_k, use_p = 0 < top_k < vocab, top_p > 0
+  if not (use_k or use_p):
+    return logits_BlV
+  desc_BlK = jax.lax.top_k(logits_BlV, top_k)[0] if use_k else -jnp.sort(-logits_BlV, axis=-1)
+  threshold_Bl1 = _top_p_threshold(desc_BlK, top_p) if use_p else desc_BlK[..., -1:]
+  return jnp.where(logits_BlV >= threshold_Bl1, logits_BlV, -jnp.inf)
+
+
+def sample_top_k_top_p(key: Array, logits_BlV: Array, top_k: int = 0, top_p: float = 0.0) -> Array:
+  """(B, l) int32 codes drawn from softmax of the filtered logits (top_k=1: exactly greedy).
+
+  With top-k on, the draw is over the k candidates only (k Gumbel variates per token, not V).
+  """
+  vocab = logits_BlV.shape[-1]
+  if not 0 < top_k < vocab:
+    filtered_BlV = top_k_top_p_filter(logits_BlV, top_k, top_p)
+    return jax.random.categorical(key, filtered_BlV, axis=-1).astype(jnp.int32)
+  desc_BlK, idx_BlK = jax.lax.top_k(logits_BlV, top_k)
+  if top_p > 0:
+    desc_BlK = jnp.where(desc_BlK >= _top_p_threshold(desc_BlK, top_p), desc_BlK, -jnp.inf)
+  choice_Bl1 = jax.random.categorical(key, desc_BlK, axis=-1)[..., None]
+  return jnp.take_along_axis(idx_BlK, choice_Bl1, axis=-1)[..., 0].astype(jnp.int32)
+
+
+# ------------------------------------------------------------------------------ jitted steps
+def _through_policy(var_model: VAR, policy: CachePolicy, scale: int, state: Any, x_BlC: Array,
+                    cond_BD: Array, capture_qkv: bool) -> tuple[Array, tuple[Any, ...], Any]:
+  """Scale `scale`'s tokens through all blocks, attention by `policy`: (logits, new state, qkv)."""
+
+  def attend(layer: int, q, k, v):
+    out, new_layer_state = policy.attend(state[layer], layer, scale, q, k, v)
+    return out, (new_layer_state, (q, k, v) if capture_qkv else None)
+
+  h_BlC, auxes = var_model.backbone(x_BlC, cond_BD, attend)
+  qkv = tuple(a[1] for a in auxes) if capture_qkv else None
+  return var_model.logits(h_BlC, cond_BD), tuple(a[0] for a in auxes), qkv
+
+
+@functools.partial(jax.jit, static_argnames=('var_graph', 'policy'))
+def _start(var_graph: nnx.GraphDef, var_state: nnx.State, policy: CachePolicy, labels_B: Array):
+  """(cond (2B, D), first input (2B, pn0^2, C), empty policy state, f_hat zeros (B, pnK, pnK, Cvae))."""
+  var_model: VAR = nnx.merge(var_graph, var_state)
+  cfg = var_model.cfg
+  b = labels_B.shape[0]
+  cond_2BD = var_model.cond(jnp.concatenate([labels_B, jnp.full_like(labels_B, cfg.num_classes)]))
+  x_2BlC = var_model.embed_first(cond_2BD)
+  state = policy.init(2 * b, cfg.num_heads, cfg.head_dim, cfg.depth)
+  pn = cfg.patch_nums[-1]
+  f_hat = jnp.zeros((b, pn, pn, cfg.z_channels), jnp.float32)
+  return cond_2BD, x_2BlC, state, f_hat
+
+
+@functools.partial(
+    jax.jit, donate_argnames=('state', 'f_hat_BhwC'),
+    static_argnames=('var_graph', 'vae_graph', 'policy', 'scale', 'top_k', 'top_p', 'capture_qkv',
+                     'capture_logits'))
+def _scale_step(var_graph: nnx.GraphDef, var_state: nnx.State, vae_graph: nnx.GraphDef,
+                vae_state: nnx.State, policy: CachePolicy, scale: int, top_k: int, top_p: float,
+                capture_qkv: bool, capture_logits: bool, state: Any, x_2BlC: Array, cond_2BD: Array,
+                f_hat_BhwC: Array, t: Array, key: Array):
+  """One scale: blocks through the policy, guided sampling, VQ-VAE update, next input.
+
+  Returns (idx (B, pn^2) int32, f_hat, next input (2B, pn'^2, C) or None at the last scale,
+  new policy state, qkv or None, logits (2B, pn^2, V) or None).
+  """
+  var_model: VAR = nnx.merge(var_graph, var_state)
+  vae = nnx.merge(vae_graph, vae_state)
+  cfg = var_model.cfg
+  pn, b = cfg.patch_nums[scale], x_2BlC.shape[0] // 2
+
+  logits_2BlV, new_state, qkv = _through_policy(var_model, policy, scale, state, x_2BlC, cond_2BD,
+                                                capture_qkv)
+  guided_BlV = (1 + t) * logits_2BlV[:b] - t * logits_2BlV[b:]
+  idx_Bl = sample_top_k_top_p(key, guided_BlV, top_k, top_p)
+  h_BpnpnC = vae.embed_idx(idx_Bl).reshape(b, pn, pn, cfg.z_channels)
+  f_hat_BhwC, next_BhwC = vae.next_autoregressive_input(scale, f_hat_BhwC, h_BpnpnC)
+  x_next = None
+  if scale + 1 < len(cfg.patch_nums):
+    x_BlC = var_model.embed_next(scale + 1, next_BhwC.reshape(b, -1, cfg.z_channels))
+    x_next = jnp.concatenate([x_BlC, x_BlC], axis=0)
+  return idx_Bl, f_hat_BhwC, x_next, new_state, qkv, (logits_2BlV if capture_logits else None)
+
+
+@functools.partial(jax.jit, donate_argnames=('state',),
+                   static_argnames=('var_graph', 'policy', 'scale', 'capture_qkv'))
+def _forward_scale(var_graph: nnx.GraphDef, var_state: nnx.State, policy: CachePolicy, scale: int,
+                   capture_qkv: bool, state: Any, labels_B: Array, var_input_BlC: Array):
+  """Teacher-forced scale `scale` through the policy: (logits (B, pn^2, V), new state, qkv or None)."""
+  var_model: VAR = nnx.merge(var_graph, var_state)
+  cfg = var_model.cfg
+  cond_BD = var_model.cond(labels_B)
+  if scale == 0:
+    x_BlC = var_model.embed_first(cond_BD)
+  else:
+    first_l = cfg.patch_nums[0] ** 2
+    begin, end = cfg.begin_ends[scale]
+    x_BlC = var_model.embed_next(scale, var_input_BlC[:, begin - first_l:end - first_l])
+  return _through_policy(var_model, policy, scale, state, x_BlC, cond_BD, capture_qkv)
+
+
+@functools.partial(jax.jit, static_argnames=('vae_graph',))
+def _decode(vae_graph: nnx.GraphDef, vae_state: nnx.State, f_hat_BhwC: Array) -> Array:
+  """(B, H, W, 3) in [0, 1] (official `fhat_to_img(f_hat).add_(1).mul_(0.5)`)."""
+  return (nnx.merge(vae_graph, vae_state).fhat_to_img(f_hat_BhwC) + 1) * 0.5
+
+
+# ------------------------------------------------------------------------------ public API
+def _checked_labels(labels_B: Any, num_classes: int) -> Array:
+  labels_np = np.asarray(labels_B).reshape(-1)
+  if labels_np.size == 0 or labels_np.min() < 0 or labels_np.max() > num_classes:
+    raise ValueError(f'labels must be a non-empty list of ints in [0, {num_classes}] '
+                     f'({num_classes} = unconditional), got {labels_np.tolist()}')
+  return jnp.asarray(labels_np, jnp.int32)
+
+
+def forward_cached(var_model: VAR, labels_B: Array, var_input_BlC: Array, *,
+                   policy: CachePolicy | None = None, capture_qkv: bool = False
+                   ) -> tuple[Array, Any, list | None]:
+  """Teacher forcing scale by scale through a cache policy (no sampling, no CFG doubling).
+
+  labels (B,) int (the null class `num_classes` allowed); var_input (B, L - pn0^2, Cvae) as for
+  `VAR.__call__`. Returns (logits (B, L, V) fp32, final policy state, per-scale qkv or None). With
+  `FullCache` the logits equal `var_model(labels_B, var_input_BlC)` up to fp32 rounding; with a
+  compressing policy they show its effect on real token sequences.
+  """
+  mcfg = var_model.cfg
+  labels_B = _checked_labels(labels_B, mcfg.num_classes)
+  var_input_BlC = jnp.asarray(var_input_BlC, jnp.float32)
+  want = (labels_B.shape[0], mcfg.seq_len - mcfg.patch_nums[0] ** 2, mcfg.z_channels)
+  if tuple(var_input_BlC.shape) != want:
+    raise ValueError(f'var_input has shape {tuple(var_input_BlC.shape)}, expected {want} '
+                     '(B, L - pn0^2, Cvae); build it with VQVAE.idx_to_var_input')
+  policy = FullCache(tuple(mcfg.patch_nums)) if policy is None else policy
+  var_graph, var_state = nnx.split(var_model)
+  state = policy.init(labels_B.shape[0], mcfg.num_heads, mcfg.head_dim, mcfg.depth)
+  logits, qkvs = [], []
+  for scale in range(len(mcfg.patch_nums)):
+    lg, state, qkv = _forward_scale(var_graph, var_state, policy, scale, capture_qkv, state,
+                                    labels_B, var_input_BlC)
+    logits.append(lg)
+    qkvs.append(qkv)
+  return jnp.concatenate(logits, axis=1), state, (qkvs if capture_qkv else None)
+
+
+def generate(var_model: VAR, vqvae: nnx.Module, labels_B: Any, *, key: Array, cfg: float = 1.5,
+             top_k: int = 900, top_p: float = 0.96, policy: CachePolicy | None = None,
+             capture_qkv: bool = False, capture_logits: bool = False) -> GenerateOutput:
+  """Samples B images of classes `labels_B` (ints in [0, num_classes]; num_classes = unconditional).
+
+  cfg: guidance ratio (t = cfg * k / (K - 1) at scale k). top_k / top_p: official filters (<= 0
+  disables each; top_k=1 is greedy). policy: the KV-cache policy (default `FullCache`, exact).
+  key: a JAX PRNG key (one split per scale).
+  """
+  mcfg = var_model.cfg
+  labels_B = _checked_labels(labels_B, mcfg.num_classes)
+  vae_cfg = getattr(vqvae, 'cfg', None)
+  if vae_cfg is not None and (tuple(vae_cfg.patch_nums), vae_cfg.vocab_size, vae_cfg.z_channels) != (
+      tuple(mcfg.patch_nums), mcfg.vocab_size, mcfg.z_channels):
+    raise ValueError(f'VQ-VAE (patch_nums {vae_cfg.patch_nums}, V {vae_cfg.vocab_size}, Cvae '
+                     f'{vae_cfg.z_channels}) does not match VAR (patch_nums {mcfg.patch_nums}, V '
+                     f'{mcfg.vocab_size}, Cvae {mcfg.z_channels}); build both from the same schedule')
+  policy = FullCache(tuple(mcfg.patch_nums)) if policy is None else policy
+  var_graph, var_state = nnx.split(var_model)
+  vae_graph, vae_state = nnx.split(vqvae)
+  num_scales = len(mcfg.patch_nums)
+  keys = jax.random.split(key, num_scales)
+  cond_2BD, x_2BlC, state, f_hat = _start(var_graph, var_state, policy, labels_B)
+  tokens, qkvs, logits = [], [], []
+  for scale in range(num_scales):
+    t = np.float32(cfg * (scale / max(num_scales - 1, 1)))   # official: cfg * ratio in double
+    idx_Bl, f_hat, x_2BlC, state, qkv, lg = _scale_step(
+        var_graph, var_state, vae_graph, vae_state, policy, scale, int(top_k), float(top_p),
+        capture_qkv, capture_logits, state, x_2BlC, cond_2BD, f_hat, t, keys[scale])
+    tokens.append(idx_Bl)
+    qkvs.append(qkv)
+    logits.append(lg)
+  images = _decode(vae_graph, vae_state, f_hat)
+  return GenerateOutput(tokens=tokens, images=images, cache=state,
+                        qkv=qkvs if capture_qkv else None, logits=logits if capture_logits else None)

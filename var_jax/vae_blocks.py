@@ -1,0 +1,191 @@
+"""Encoder / decoder of the multi-scale VQ-VAE (official `models/basic_vae.py`), NHWC, flax.nnx.
+
+Attribute names mirror the official module tree (`down[i].block[j].norm1`, `mid.attn_1`, ...) so that a
+parameter's nnx path joined with '.' is its torch state-dict key (see `vqvae.load_vqvae_state_dict`).
+Dropout is omitted: the official VQ-VAE is always built with dropout=0.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+__all__ = ['AttnBlock', 'Decoder', 'Downsample2x', 'Encoder', 'Level', 'MidBlock', 'ResnetBlock', 'Upsample2x', 'conv',
+           'group_norm', 'uniform_init']
+
+GN_GROUPS = 32
+GN_EPS = 1e-6
+
+
+def uniform_init(bound: float) -> nnx.Initializer:
+  """Initializer drawing U(-bound, bound) (torch's default for conv weights and biases)."""
+
+  def init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def conv(c_in: int, c_out: int, ks: int, *, rngs: nnx.Rngs, stride: int = 1, padding='SAME') -> nnx.Conv:
+  """Conv2d with torch's default init (kernel and bias U(+-1/sqrt(fan_in))); kernel is HWIO."""
+  bound = 1.0 / math.sqrt(c_in * ks * ks)
+  return nnx.Conv(c_in, c_out, (ks, ks), strides=stride, padding=padding,
+                  kernel_init=uniform_init(bound), bias_init=uniform_init(bound), rngs=rngs)
+
+
+def group_norm(channels: int, *, rngs: nnx.Rngs) -> nnx.GroupNorm:
+  """Official `Normalize`: GroupNorm(32 groups, eps 1e-6, affine), exact (two-pass) variance."""
+  if channels % GN_GROUPS:
+    raise ValueError(f'GroupNorm needs channels divisible by {GN_GROUPS}, got {channels}; '
+                     f'choose ch and ch_mult so that every ch * mult is a multiple of {GN_GROUPS}')
+  return nnx.GroupNorm(channels, num_groups=GN_GROUPS, epsilon=GN_EPS, use_fast_variance=False, rngs=rngs)
+
+
+class Upsample2x(nnx.Module):
+  """Nearest-neighbour x2 then conv3x3."""
+
+  def __init__(self, channels: int, *, rngs: nnx.Rngs):
+    self.conv = conv(channels, channels, 3, rngs=rngs)
+
+  def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+    return self.conv(jnp.repeat(jnp.repeat(x_BHWC, 2, axis=1), 2, axis=2))
+
+
+class Downsample2x(nnx.Module):
+  """Zero-pad bottom/right by one, then conv3x3 with stride 2 and no padding."""
+
+  def __init__(self, channels: int, *, rngs: nnx.Rngs):
+    self.conv = conv(channels, channels, 3, stride=2, padding=((0, 1), (0, 1)), rngs=rngs)
+
+  def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+    return self.conv(x_BHWC)
+
+
+class ResnetBlock(nnx.Module):
+  """x -> shortcut(x) + conv2(silu(gn2(conv1(silu(gn1(x)))))); 1x1 `nin_shortcut` iff channels change."""
+
+  def __init__(self, c_in: int, c_out: int, *, rngs: nnx.Rngs):
+    self.norm1 = group_norm(c_in, rngs=rngs)
+    self.conv1 = conv(c_in, c_out, 3, rngs=rngs)
+    self.norm2 = group_norm(c_out, rngs=rngs)
+    self.conv2 = conv(c_out, c_out, 3, rngs=rngs)
+    self.nin_shortcut = conv(c_in, c_out, 1, rngs=rngs) if c_in != c_out else None
+
+  def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+    h = self.conv1(jax.nn.silu(self.norm1(x_BHWC)))
+    h = self.conv2(jax.nn.silu(self.norm2(h)))
+    skip = x_BHWC if self.nin_shortcut is None else self.nin_shortcut(x_BHWC)
+    return skip + h
+
+
+class AttnBlock(nnx.Module):
+  """Single-head spatial self-attention over all H*W positions, residual; qkv and proj are 1x1 convs."""
+
+  def __init__(self, channels: int, *, rngs: nnx.Rngs):
+    self.norm = group_norm(channels, rngs=rngs)
+    self.qkv = conv(channels, 3 * channels, 1, rngs=rngs)
+    self.proj_out = conv(channels, channels, 1, rngs=rngs)
+
+  def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+    B, H, W, C = x_BHWC.shape
+    qkv_BL3C = self.qkv(self.norm(x_BHWC)).reshape(B, H * W, 3 * C)
+    q_BLC, k_BLC, v_BLC = jnp.split(qkv_BL3C, 3, axis=-1)  # official channel order: q, k, v
+    att_BLL = jax.nn.softmax(jnp.einsum('bqc,bkc->bqk', q_BLC, k_BLC) * C ** -0.5, axis=-1)
+    h_BLC = jnp.einsum('bqk,bkc->bqc', att_BLL, v_BLC)
+    return x_BHWC + self.proj_out(h_BLC.reshape(B, H, W, C))
+
+
+class MidBlock(nnx.Module):
+  """ResnetBlock -> AttnBlock (optional) -> ResnetBlock at the lowest resolution."""
+
+  def __init__(self, channels: int, using_sa: bool, *, rngs: nnx.Rngs):
+    self.block_1 = ResnetBlock(channels, channels, rngs=rngs)
+    self.attn_1 = AttnBlock(channels, rngs=rngs) if using_sa else None
+    self.block_2 = ResnetBlock(channels, channels, rngs=rngs)
+
+  def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+    h = self.block_1(x_BHWC)
+    if self.attn_1 is not None:
+      h = self.attn_1(h)
+    return self.block_2(h)
+
+
+class Level(nnx.Module):
+  """One resolution level: `n` ResnetBlocks (each optionally followed by attention), then resampling."""
+
+  def __init__(self, c_in: int, c_out: int, n: int, *, using_sa: bool, resample: str | None,
+               rngs: nnx.Rngs):
+    if resample not in (None, 'down', 'up'):
+      raise ValueError(f"resample must be None, 'down' or 'up', got {resample!r}")
+    self.block = nnx.List([ResnetBlock(c_in if i == 0 else c_out, c_out, rngs=rngs) for i in range(n)])
+    self.attn = nnx.List([AttnBlock(c_out, rngs=rngs) for _ in range(n)] if using_sa else [])
+    self.downsample = Downsample2x(c_out, rngs=rngs) if resample == 'down' else None
+    self.upsample = Upsample2x(c_out, rngs=rngs) if resample == 'up' else None
+
+  def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+    h = x_BHWC
+    for i, block in enumerate(self.block):
+      h = block(h)
+      if len(self.attn):
+        h = self.attn[i](h)
+    if self.downsample is not None:
+      h = self.downsample(h)
+    if self.upsample is not None:
+      h = self.upsample(h)
+    return h
+
+
+class Encoder(nnx.Module):
+  """(B, H, W, 3) image -> (B, H/d, W/d, z_channels) features, d = 2 ** (len(ch_mult) - 1)."""
+
+  def __init__(self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int,
+               using_sa: bool, using_mid_sa: bool, in_channels: int = 3, rngs: nnx.Rngs):
+    n_levels = len(ch_mult)
+    in_mult = (1,) + tuple(ch_mult)
+    self.conv_in = conv(in_channels, ch, 3, rngs=rngs)
+    self.down = nnx.List([
+        Level(ch * in_mult[i], ch * ch_mult[i], num_res_blocks,
+              using_sa=using_sa and i == n_levels - 1,
+              resample='down' if i != n_levels - 1 else None, rngs=rngs)
+        for i in range(n_levels)])
+    c_top = ch * ch_mult[-1]
+    self.mid = MidBlock(c_top, using_mid_sa, rngs=rngs)
+    self.norm_out = group_norm(c_top, rngs=rngs)
+    self.conv_out = conv(c_top, z_channels, 3, rngs=rngs)
+
+  def __call__(self, img_BHWC: jax.Array) -> jax.Array:
+    h = self.conv_in(img_BHWC)
+    for level in self.down:
+      h = level(h)
+    h = self.mid(h)
+    return self.conv_out(jax.nn.silu(self.norm_out(h)))
+
+
+class Decoder(nnx.Module):
+  """(B, h, w, z_channels) features -> (B, h*d, w*d, 3) image (unclamped).
+
+  `up[i]` is the level at resolution i (official order); it runs from the last level to the first.
+  """
+
+  def __init__(self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int,
+               using_sa: bool, using_mid_sa: bool, out_channels: int = 3, rngs: nnx.Rngs):
+    n_levels = len(ch_mult)
+    c_top = ch * ch_mult[-1]
+    self.conv_in = conv(z_channels, c_top, 3, rngs=rngs)
+    self.mid = MidBlock(c_top, using_mid_sa, rngs=rngs)
+    c_ins = [ch * ch_mult[i + 1] if i != n_levels - 1 else c_top for i in range(n_levels)]
+    self.up = nnx.List([
+        Level(c_ins[i], ch * ch_mult[i], num_res_blocks + 1,
+              using_sa=using_sa and i == n_levels - 1,
+              resample='up' if i != 0 else None, rngs=rngs)
+        for i in range(n_levels)])
+    self.norm_out = group_norm(ch * ch_mult[0], rngs=rngs)
+    self.conv_out = conv(ch * ch_mult[0], out_channels, 3, rngs=rngs)
+
+  def __call__(self, z_BhwC: jax.Array) -> jax.Array:
+    h = self.mid(self.conv_in(z_BhwC))
+    for level in reversed(self.up):
+      h = level(h)
+    return self.conv_out(jax.nn.silu(self.norm_out(h)))
