@@ -1,0 +1,405 @@
+"""What the trainers share: workdir safety, mesh, optimiser, guarded update, checkpoints, the loop.
+
+A run lives in one workdir:
+  config.json         the training config (ml_collections), compared on every start
+  model_config.json   the model dataclass (`var_jax.config.to_json`), to rebuild the trained model
+  checkpoints/<step>/ orbax: items `model` ({'params', 'rest'} nnx states) and `opt` (optax state)
+  tb/                 TensorBoard event files (tensorboardX)
+
+Training state is a pytree {'params', 'rest', 'opt', 'step'}; the jitted step takes it donated and
+returns the next one. `guarded_update` keeps the old state when the loss, the gradients or the update
+are not finite, and `train_loop` then saves that last finite state and raises `FloatingPointError`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tensorboardX
+import tqdm
+from absl import logging
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from var_jax.data import CLASS_NAMES, BuiltinDataset, folder_classes, load_image_folder
+
+TrainState = dict[str, Any]     # {'params': nnx.State, 'rest': nnx.State, 'opt': optax state, 'step': int32}
+Metrics = dict[str, jax.Array]
+# Keys that do not change what is computed: they may differ when a run is resumed.
+RUNTIME_KEYS = frozenset({'overwrite', 'progress', 'log_every', 'ckpt_every', 'keep_ckpts', 'eval_every'})
+EVAL_SEED_OFFSET = 1_000_003     # built-in evaluation images use data.seed + this
+# Official VAR `filter_params`: parameters whose path contains one of these get no weight decay.
+NO_DECAY_KEYS = ('pos_start', 'pos_1LC', 'lvl_embed', 'scale_mul', 'ada_gss', 'bias', 'gamma', 'beta')
+
+
+class _DropOrbaxInfo:
+  """absl-logging filter: hides orbax's per-save INFO chatter (warnings and errors still show)."""
+
+  def filter(self, record) -> bool:
+    return record.levelno > 20 or 'orbax' not in record.pathname
+
+
+def quiet_orbax() -> None:
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+  absl_logger = std_logging.getLogger('absl')
+  if not any(isinstance(f, _DropOrbaxInfo) for f in absl_logger.filters):
+    absl_logger.addFilter(_DropOrbaxInfo())
+
+
+# ----------------------------------------------------------------------------- workdir
+def _comparable(config: ml_collections.ConfigDict | Mapping) -> dict:
+  if isinstance(config, ml_collections.ConfigDict):
+    config = json.loads(config.to_json_best_effort())
+  return {k: v for k, v in config.items() if k not in RUNTIME_KEYS}
+
+
+def _diff(a: Mapping, b: Mapping, prefix: str = '') -> list[str]:
+  out = []
+  for k in sorted(set(a) | set(b)):
+    va, vb = a.get(k, '<absent>'), b.get(k, '<absent>')
+    if isinstance(va, Mapping) and isinstance(vb, Mapping):
+      out += _diff(va, vb, f'{prefix}{k}.')
+    elif va != vb:
+      out.append(f'{prefix}{k}: saved {va!r}, now {vb!r}')
+  return out
+
+
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, model_config_json: str) -> None:
+  """Creates `workdir` or checks that it belongs to the same run; never deletes anything.
+
+  A workdir whose saved config differs (other than `RUNTIME_KEYS`) is refused, unless
+  `config.overwrite` is set: then the old workdir is renamed to `<workdir>.old-<time>` and a fresh run starts.
+  """
+  cfg_path = os.path.join(workdir, 'config.json')
+  if os.path.exists(cfg_path):
+    with open(cfg_path) as f:
+      saved = json.load(f)
+    diffs = _diff(_comparable(saved), _comparable(config))
+    if diffs and not config.get('overwrite', False):
+      raise ValueError(f'workdir {workdir!r} holds a run with a different config:\n  ' + '\n  '.join(diffs)
+                       + '\nuse another --workdir, or pass --config.overwrite=True to move the old run aside '
+                       f'(to {workdir}.old-<time>) and start afresh')
+    if diffs:
+      backup = f'{workdir.rstrip(os.sep)}.old-{time.strftime("%Y%m%d-%H%M%S")}'
+      logging.warning('config differs from the saved one; moving %s to %s', workdir, backup)
+      shutil.move(workdir, backup)
+  elif os.path.isdir(workdir) and os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise ValueError(f'workdir {workdir!r} has checkpoints but no config.json; refusing to mix runs: '
+                     'use an empty or new --workdir')
+  os.makedirs(workdir, exist_ok=True)
+  for name, text in (('config.json', config.to_json_best_effort(indent=2)),
+                     ('model_config.json', model_config_json)):
+    with open(os.path.join(workdir, name), 'w') as f:
+      f.write(text + '\n')
+
+
+def read_json(workdir: str, name: str) -> Any:
+  path = os.path.join(workdir, name)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path!r} not found: is {workdir!r} the workdir of a training run?')
+  with open(path) as f:
+    return json.load(f)
+
+
+# ----------------------------------------------------------------------------- mesh
+def make_mesh() -> Mesh:
+  """1-D mesh over all devices with axis 'data' (batch split, state replicated)."""
+  return Mesh(np.asarray(jax.devices()), ('data',))
+
+
+def check_batch(batch_size: int, mesh: Mesh) -> None:
+  if batch_size % mesh.size:
+    raise ValueError(f'batch_size {batch_size} is not divisible by the {mesh.size} devices of the data axis; '
+                     f'pick a multiple of {mesh.size}')
+
+
+@functools.lru_cache(maxsize=16)
+def jit_step(step_fn: Callable[..., tuple[TrainState, Metrics]], mesh: Mesh, num_consts: int = 0,
+             num_static: int = 0) -> Callable[..., tuple[TrainState, Metrics]]:
+  """jit `step_fn(state, batch, *consts, *static)`: state replicated and donated, batch split over
+  'data', `num_consts` replicated (not donated) arguments, then `num_static` static (hashable) ones.
+  Cached, so that runs in one process with the same structure share the compiled step."""
+  repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  return jax.jit(step_fn, in_shardings=(repl, data) + (repl,) * num_consts, out_shardings=(repl, repl),
+                 donate_argnums=0, static_argnums=tuple(range(2 + num_consts, 2 + num_consts + num_static)))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+# ----------------------------------------------------------------------------- data
+class ArrayDataset:
+  """Images held in memory (an image folder): `ds[indices]` -> (n, H, W, 3) float32 in [-1, 1]."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...]):
+    self.images, self.labels, self.class_names = images, labels, class_names
+    self.num_classes = len(class_names)
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, indices: Any) -> np.ndarray:
+    return self.images[indices]
+
+
+def open_dataset(data_config: ml_collections.ConfigDict, image_size: int) -> BuiltinDataset | ArrayDataset:
+  """The dataset named by a config's `data` section, at `image_size` pixels."""
+  if data_config.source == 'builtin':
+    return BuiltinDataset(data_config.num_images, image_size, data_config.seed)
+  if data_config.source == 'folder':
+    if not data_config.folder:
+      raise ValueError('data.source is "folder" but data.folder is empty; pass '
+                       '--config.data.folder=/path/to/root')
+    return ArrayDataset(*load_image_folder(data_config.folder, image_size))
+  raise ValueError(f'unknown data.source {data_config.source!r}; use "builtin" or "folder"')
+
+
+def dataset_class_names(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Class names of the configured dataset without loading it."""
+  if data_config.source == 'folder':
+    return folder_classes(data_config.folder)
+  return CLASS_NAMES
+
+
+def eval_set(data_config: ml_collections.ConfigDict, dataset: BuiltinDataset | ArrayDataset,
+             image_size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """(images (n, H, W, 3), labels (n,)) for evaluation: held out (another seed) for the built-in
+  data, else the first n images of the dataset (an image folder has no held-out split here)."""
+  if data_config.source == 'builtin':
+    ds = BuiltinDataset(n, image_size, data_config.seed + EVAL_SEED_OFFSET)
+    return ds[slice(None)], ds.labels
+  idx = np.arange(min(n, len(dataset)))
+  return dataset[idx], np.asarray(dataset.labels)[idx]
+
+
+def write_dataset_info(workdir: str, num_images: int, class_names: tuple[str, ...]) -> None:
+  with open(os.path.join(workdir, 'dataset.json'), 'w') as f:
+    json.dump({'num_images': int(num_images), 'class_names': list(class_names)}, f, indent=2)
+
+
+def num_params(params: nnx.State) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> np.ndarray:
+  """Indices of the batch of `step`: epochs of a seeded permutation (remainder dropped); pure in `step`."""
+  if num_examples < batch_size:
+    raise ValueError(f'the dataset has {num_examples} images, fewer than batch_size {batch_size}; '
+                     'lower batch_size or add images')
+  per_epoch = num_examples // batch_size
+  epoch, i = divmod(step, per_epoch)
+  perm = np.random.default_rng([seed, epoch, 0xBA7C]).permutation(num_examples)
+  return np.sort(perm[i * batch_size:(i + 1) * batch_size])
+
+
+# ----------------------------------------------------------------------------- optimiser
+def decay_mask(params: nnx.State) -> nnx.State:
+  """True for parameters that get weight decay: matrices and kernels not named in `NO_DECAY_KEYS`."""
+  def keep(path, x):
+    names = '.'.join(str(getattr(p, 'key', p)) for p in path)
+    return x.ndim >= 2 and not any(k in names for k in NO_DECAY_KEYS)
+  return jax.tree.map_with_path(keep, params)
+
+
+@struct.dataclass
+class OptimHParams:
+  """Optimiser settings, passed to the jitted step as an argument: the float fields are traced (a new
+  lr does not recompile), the others are static (part of the pytree structure)."""
+  lr: float
+  end_lr_ratio: float
+  weight_decay: float
+  grad_clip: float
+  warmup_steps: int = struct.field(pytree_node=False)
+  num_steps: int = struct.field(pytree_node=False)
+  b1: float = struct.field(pytree_node=False)
+  b2: float = struct.field(pytree_node=False)
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> OptimHParams:
+    return cls(**{f.name: config[f.name] for f in dataclasses.fields(cls)})
+
+  def schedule(self) -> optax.Schedule:
+    """Linear warm-up from 0 to `lr` over `warmup_steps`, then cosine decay to `lr * end_lr_ratio` at
+    `num_steps` (optax's warmup_cosine_decay_schedule, written so that `lr` may be traced)."""
+    warmup, total = max(self.warmup_steps, 1), max(self.num_steps, self.warmup_steps + 1)
+
+    def schedule(step):
+      step = jnp.asarray(step, jnp.float32)
+      t = jnp.clip((step - self.warmup_steps) / (total - self.warmup_steps), 0.0, 1.0)
+      cosine = self.end_lr_ratio + (1 - self.end_lr_ratio) * 0.5 * (1 + jnp.cos(jnp.pi * t))
+      return self.lr * jnp.where(step < self.warmup_steps, step / warmup, cosine)
+    return schedule
+
+
+def make_optimizer(hp: OptimHParams, params: nnx.State) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW (no decay on `decay_mask`-excluded parameters) on `hp.schedule()`."""
+  return optax.chain(
+      optax.clip_by_global_norm(hp.grad_clip),
+      optax.adamw(hp.schedule(), b1=hp.b1, b2=hp.b2, weight_decay=hp.weight_decay, mask=decay_mask(params)))
+
+
+@functools.lru_cache(maxsize=8)
+def _init_state_fn(cls: type[nnx.Module], cfg: Any, seed: int) -> Callable[[], nnx.State]:
+  # Initialisation runs once: compile it without XLA's backend optimisations (several times faster
+  # to compile on CPU than one optimised compile, or than eager mode's one compile per initialiser).
+  return jax.jit(lambda: nnx.state(cls(cfg, rngs=nnx.Rngs(seed))),
+                 compiler_options={'xla_backend_optimization_level': 0})
+
+
+def create_model(cls: type[nnx.Module], cfg: Any, seed: int) -> nnx.Module:
+  """`cls(cfg, rngs=nnx.Rngs(seed))`, initialised by one cached jitted function."""
+  graphdef, _ = nnx.split(abstract_model(cls, cfg))
+  return nnx.merge(graphdef, _init_state_fn(cls, cfg, seed)())
+
+
+def abstract_model(cls: type[nnx.Module], cfg: Any) -> nnx.Module:
+  """`cls(cfg)` with shape-only variables, to restore a checkpoint into (no initialisation)."""
+  return nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
+
+
+def init_state(model: nnx.Module, optimizer: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return graphdef, {'params': params, 'rest': rest, 'opt': optimizer.init(params),
+                    'step': jnp.zeros((), jnp.int32)}
+
+
+def guarded_update(state: TrainState, grads: nnx.State, rest: nnx.State, loss: jax.Array,
+                   optimizer: optax.GradientTransformation) -> tuple[TrainState, Metrics]:
+  """One optimiser step; if loss, gradients or update are not finite, returns `state` unchanged."""
+  updates, opt = optimizer.update(grads, state['opt'], state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+  new = {'params': params, 'rest': rest, 'opt': opt, 'step': state['step'] + 1}
+  old = {**state, 'step': state['step']}
+  out = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  return out, {'grad_norm': grad_norm, 'update_norm': update_norm, 'finite': finite}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def checkpoint_manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
+  quiet_orbax()
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')), options=options,
+                               item_names=('model', 'opt'))
+
+
+def save(mngr: ocp.CheckpointManager, state: TrainState) -> int:
+  step = int(jax.device_get(state['step']))
+  if step not in mngr.all_steps():
+    mngr.save(step, args=ocp.args.Composite(
+        model=ocp.args.StandardSave({'params': state['params'], 'rest': state['rest']}),
+        opt=ocp.args.StandardSave({'opt': state['opt'], 'step': state['step']})))
+    mngr.wait_until_finished()
+  return step
+
+
+def restore(mngr: ocp.CheckpointManager, state: TrainState, step: int) -> TrainState:
+  """Restores the full training state of `step` with the structure and shardings of `state`."""
+  got = mngr.restore(step, args=ocp.args.Composite(
+      model=ocp.args.StandardRestore({'params': state['params'], 'rest': state['rest']}),
+      opt=ocp.args.StandardRestore({'opt': state['opt'], 'step': state['step']})))
+  return {'params': got['model']['params'], 'rest': got['model']['rest'], 'opt': got['opt']['opt'],
+          'step': got['opt']['step']}
+
+
+def restore_model(workdir: str, model: nnx.Module, step: int | None = None) -> int:
+  """Loads the trained weights (item `model`) of `workdir` into `model` in place; returns the step."""
+  mngr = checkpoint_manager(workdir)
+  steps = mngr.all_steps()
+  if not steps:
+    raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, "checkpoints")!r}; train first '
+                            '(python -m train.vqvae / train.var --workdir ...)')
+  step = max(steps) if step is None else step
+  if step not in steps:
+    raise ValueError(f'no checkpoint for step {step} in {workdir!r}; available steps: {sorted(steps)}')
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  got = mngr.restore(step, args=ocp.args.Composite(
+      model=ocp.args.StandardRestore({'params': params, 'rest': rest})))
+  nnx.update(model, got['model']['params'], got['model']['rest'])
+  mngr.close()
+  return step
+
+
+# ----------------------------------------------------------------------------- loop
+def _to_host(metrics: Metrics) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def train_loop(config: ml_collections.ConfigDict, workdir: str, state: TrainState,
+               step_fn: Callable[[TrainState, Any], tuple[TrainState, Metrics]],
+               batch_fn: Callable[[int], Any],
+               eval_fn: Callable[[TrainState, int, tensorboardX.SummaryWriter], dict[str, float]] | None = None,
+               stop_at_step: int | None = None) -> tuple[TrainState, dict[str, float]]:
+  """Resumes from the latest checkpoint of `workdir`, then trains to `config.num_steps`.
+
+  `step_fn(state, batch)` is the jitted (donating) step; `batch_fn(step)` gives the host batch of a
+  step as a pure function of the step, so a resumed run sees the same batches. Metrics are averaged
+  over `config.log_every` steps and written to TensorBoard; checkpoints every `config.ckpt_every`
+  steps and at the end. `stop_at_step` ends this call early after saving (simulated pre-emption).
+  Returns the final state and the last logged metrics.
+  """
+  mngr = checkpoint_manager(workdir, config.keep_ckpts)
+  start = 0
+  if mngr.latest_step() is not None:
+    start = mngr.latest_step()
+    state = restore(mngr, state, start)
+    logging.info('resumed from %s at step %d of %d', workdir, start, config.num_steps)
+  writer = tensorboardX.SummaryWriter(os.path.join(workdir, 'tb'), purge_step=start or None)
+  end = config.num_steps if stop_at_step is None else min(stop_at_step, config.num_steps)
+  last: dict[str, float] = {}
+  acc: dict[str, float] = {}
+  n_acc, busy = 0, 0.0
+  bar = tqdm.tqdm(total=config.num_steps, initial=start, disable=not config.progress, dynamic_ncols=True,
+                  desc=os.path.basename(os.path.normpath(workdir)))
+  try:
+    for step in range(start, end):
+      t0 = time.perf_counter()
+      state, metrics = step_fn(state, batch_fn(step))
+      m = _to_host(metrics)
+      busy += time.perf_counter() - t0
+      if not m.pop('finite'):
+        saved = save(mngr, state)
+        raise FloatingPointError(
+            f'non-finite training signal at step {step}: loss={m.get("loss")}, '
+            f'grad_norm={m.get("grad_norm")}, update_norm={m.get("update_norm")}, lr={m.get("lr")}. '
+            'The update was not applied; the last finite '
+            f'state (step {saved}) is saved in {os.path.join(workdir, "checkpoints")}. Lower config.lr or '
+            'config.grad_clip, or check the data, and train in a new workdir (or resume from that checkpoint).')
+      for k, v in m.items():
+        acc[k] = acc.get(k, 0.0) + v
+      n_acc += 1
+      done = step + 1
+      bar.update(1)
+      if done % config.log_every == 0 or done == end:
+        last = {k: v / n_acc for k, v in acc.items()}
+        last['steps_per_s'] = n_acc / busy         # data + step, without evaluation and checkpoints
+        for k, v in last.items():
+          writer.add_scalar(f'train/{k}', v, done)
+        bar.set_postfix({k: f'{last[k]:.4g}' for k in ('loss', 'acc') if k in last})
+        logging.info('step %d: %s', done, ', '.join(f'{k}={v:.4g}' for k, v in last.items()))
+        acc, n_acc, busy = {}, 0, 0.0
+      if eval_fn is not None and (done % config.eval_every == 0 or done == config.num_steps):
+        for k, v in eval_fn(state, done, writer).items():
+          writer.add_scalar(f'eval/{k}', v, done)
+          last[f'eval_{k}'] = v
+      if done % config.ckpt_every == 0 or done == end:
+        save(mngr, state)
+  finally:
+    bar.close()
+    writer.close()
+    mngr.close()
+  return state, last
