@@ -10,6 +10,7 @@ from compress.attn_matching import match_block, nnls_projected_gradient
 from compress.base import make
 from compress.budget import CacheGeometry
 from compress.synthetic import var_like_qkv
+from compress_helpers import run_steps
 
 PN = (1, 2, 3, 4)
 
@@ -128,20 +129,6 @@ def test_beats_top_attention_eviction_on_its_reference_queries():
 
 
 # ---- contract: budget, finiteness, jit ------------------------------------------------------------
-def run_steps(comp, q, k, v, jit: bool = True):
-  g = comp.geometry
-  state = comp.init_state(q.shape[0], q.shape[1])
-  outs, bits = [], []
-  for si, (st, S) in enumerate(zip(g.scale_starts, g.scale_sizes)):
-    step = lambda s, a, b, c, si=si: comp.step(None, s, a, b, c, si)
-    step = jax.jit(step) if jit else step
-    sl = slice(st, st + S)
-    out, state = step(state, q[:, :, sl], k[:, :, sl], v[:, :, sl])
-    outs.append(np.asarray(out))
-    bits.append(np.asarray(comp.bits(state)))
-  return np.concatenate(outs, axis=2), state, bits
-
-
 def random_qkv(seed, L, D, B=2, H=3, scale=8.0):
   rng = np.random.default_rng(seed)
   q = scale * rng.standard_normal((B, H, L, D)).astype(np.float32)

@@ -10,6 +10,7 @@ from compress.attention import block_causal_attention
 from compress.base import make
 from compress.budget import CacheGeometry
 from compress.merging import tome_merge
+from compress_helpers import run_steps, random_qkv
 
 PN = (1, 2, 3, 4)
 
@@ -21,30 +22,6 @@ def entry_bits(D: int, kv_bits: int, extra_bits: int) -> int:
 def budget_for(capacity: int, D: int, kv_bits: int, extra_bits: int) -> int:
   """Bits that hold exactly `capacity` entries (+ the 16-bit count)."""
   return capacity * entry_bits(D, kv_bits, extra_bits) + 16
-
-
-def random_qkv(seed: int, L: int, D: int, B: int = 1, H: int = 2, scale: float = 2.0):
-  rng = np.random.default_rng(seed)
-  q = scale * rng.standard_normal((B, H, L, D)).astype(np.float32)
-  k = rng.standard_normal((B, H, L, D)).astype(np.float32)
-  k /= np.linalg.norm(k, axis=-1, keepdims=True)
-  v = rng.standard_normal((B, H, L, D)).astype(np.float32)
-  return q, k, v
-
-
-def run_steps(comp, q, k, v, jit: bool = True):
-  """Runs every scale; returns outputs (B, H, L, D), the final state and bits after every step."""
-  g = comp.geometry
-  state = comp.init_state(q.shape[0], q.shape[1])
-  outs, bits = [], []
-  for si, (st, S) in enumerate(zip(g.scale_starts, g.scale_sizes)):
-    step = lambda s, a, b, c, si=si: comp.step(None, s, a, b, c, si)
-    step = jax.jit(step) if jit else step
-    sl = slice(st, st + S)
-    out, state = step(state, q[:, :, sl], k[:, :, sl], v[:, :, sl])
-    outs.append(np.asarray(out))
-    bits.append(np.asarray(comp.bits(state)))
-  return np.concatenate(outs, axis=2), state, bits
 
 
 def np_attend(q_SD, ck_MD, cv_MD, cbias_M, k_SD, v_SD):

@@ -8,6 +8,7 @@ import pytest
 from compress.attention import block_causal_attention
 from compress.base import make
 from compress.budget import CacheGeometry
+from compress_helpers import run_steps, random_qkv
 
 PN = (1, 2, 3, 4)
 
@@ -19,29 +20,6 @@ def summary_bits(D: int) -> int:
 def budget_for(window: int, D: int, kv_bits: int = 32) -> int:
   """Bits that hold the summary, a 16-bit count and exactly `window` tokens."""
   return summary_bits(D) + 16 + window * 2 * D * kv_bits
-
-
-def random_qkv(seed: int, L: int, D: int, B: int = 1, H: int = 2, scale: float = 2.0):
-  rng = np.random.default_rng(seed)
-  q = scale * rng.standard_normal((B, H, L, D)).astype(np.float32)
-  k = rng.standard_normal((B, H, L, D)).astype(np.float32)
-  k /= np.linalg.norm(k, axis=-1, keepdims=True)
-  v = rng.standard_normal((B, H, L, D)).astype(np.float32)
-  return q, k, v
-
-
-def run_steps(comp, q, k, v, jit: bool = True):
-  g = comp.geometry
-  state = comp.init_state(q.shape[0], q.shape[1])
-  outs, bits = [], []
-  for si, (st, S) in enumerate(zip(g.scale_starts, g.scale_sizes)):
-    step = lambda s, a, b, c, si=si: comp.step(None, s, a, b, c, si)
-    step = jax.jit(step) if jit else step
-    sl = slice(st, st + S)
-    out, state = step(state, q[:, :, sl], k[:, :, sl], v[:, :, sl])
-    outs.append(np.asarray(out))
-    bits.append(np.asarray(comp.bits(state)))
-  return np.concatenate(outs, axis=2), state, bits
 
 
 def np_window_sum(g, window: int, q, k, v):
