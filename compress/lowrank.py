@@ -23,8 +23,7 @@ import numpy as np
 
 from compress.attention import attend
 from compress.base import COUNT_DTYPE, Compressor, Slots, dtype_bits, empty_slots, register
-from compress.quant_cache import (EVICTION_RULES, candidate_scores, keep_mask, stable_assignment,
-                                  static_append, window_slot_positions)
+from compress.quant_cache import EVICTION_RULES, kept_scores, plan_slots
 from compress.slots import gather_entries
 
 
@@ -187,21 +186,12 @@ class PCAEvict(LowRankBase):
     m = state.capacity
     if self.is_last(scale) or m == 0:
       return out, state
-    g = self.geometry
-    start, (B, H, S, _) = g.scale_starts[scale], k_BHSD.shape
-    slot_pos = window_slot_positions(g.scale_sizes, m, scale) if self.evict == 'window' else None
-    score = candidate_scores(self.evict, p_cache, p_new, state.extra.get('score'), slot_pos, start)
-    if start + S <= m:   # the scale fits whole: append
-      take_new, src, valid = static_append(start, S, m, (B, H))
-    else:
-      valid_N = jnp.concatenate([state.valid, jnp.ones((B, H, S), bool)], axis=-1)
-      take_new, src, valid = stable_assignment(keep_mask(score, valid_N, m), m)
+    take_new, src, valid, score = plan_slots(self.evict, self.geometry, state, p_cache, p_new, scale)
     pick = lambda new, old: jnp.where(take_new.reshape(take_new.shape + (1,) * (old.ndim - 3)),
                                       gather_entries(new, src).astype(old.dtype), old)
     extra = {}
     if 'score' in state.extra:
-      acc = jnp.where(take_new, gather_entries(score[..., m:], src), score[..., :m])
-      extra['score'] = jnp.where(valid, acc, 0).astype(jnp.float16)
+      extra['score'] = kept_scores(score, take_new, src, valid)
     return out, state.replace(k=pick(self.project(params, 'k', k_BHSD), state.k),
                               v=pick(self.project(params, 'v', v_BHSD), state.v),
                               count=valid.sum(-1).astype(COUNT_DTYPE), extra=extra)

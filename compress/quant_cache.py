@@ -118,6 +118,30 @@ def static_append(start: int, S: int, m: int, batch_shape: tuple[int, int]
 
 
 # ---- the quantised slot cache ---------------------------------------------------------------------
+def plan_slots(evict: str, geometry, state: Slots, p_cache_BHSM, p_new_BHSS, scale: int):
+  """Where the new scale goes in a fixed-slot cache that never moves kept entries.
+
+  Returns (take_new_BHM, src_BHM, valid_BHM, score_BHN): which slots take a new token, from which
+  new token, which slots are valid after the step, and the candidate scores (M kept + S new).
+  """
+  M = state.capacity
+  B, H, S = p_new_BHSS.shape[:3]
+  start = geometry.scale_starts[scale]
+  slot_pos = window_slot_positions(geometry.scale_sizes, M, scale) if evict == 'window' else None
+  score = candidate_scores(evict, p_cache_BHSM, p_new_BHSS, state.extra.get('score'), slot_pos, start)
+  if start + S <= M:   # the scale fits whole (known from the schedule): append, nothing to evict
+    return (*static_append(start, S, M, (B, H)), score)
+  valid_N = jnp.concatenate([state.valid, jnp.ones((B, H, S), bool)], axis=-1)
+  return (*stable_assignment(keep_mask(score, valid_N, M), M), score)
+
+
+def kept_scores(score_BHN, take_new_BHM, src_BHM, valid_BHM) -> jax.Array:
+  """Accumulated scores of the slots after `plan_slots` (float16, zero where invalid)."""
+  M = take_new_BHM.shape[-1]
+  acc = jnp.where(take_new_BHM, gather_entries(score_BHN[..., M:], src_BHM), score_BHN[..., :M])
+  return jnp.where(valid_BHM, acc, 0).astype(jnp.float16)
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantCache(Compressor):
   """Quantised slot cache; subclasses give `bit_width` (16, 8, 4 or 2), a setting or a property."""
@@ -236,21 +260,12 @@ class QuantCache(Compressor):
     M = state.capacity
     if self.is_last(scale) or M == 0:
       return out, state
-    g = self.geometry
-    start, (B, H, S, _) = g.scale_starts[scale], k_BHSD.shape
-    slot_pos = window_slot_positions(g.scale_sizes, M, scale) if self.evict == 'window' else None
-    score = candidate_scores(self.evict, p_cache, p_new, state.extra.get('score'), slot_pos, start)
-    if start + S <= M:   # the scale fits whole (known from the schedule): append, nothing to evict
-      take_new, src, valid = static_append(start, S, M, (B, H))
-    else:
-      valid_N = jnp.concatenate([state.valid, jnp.ones((B, H, S), bool)], axis=-1)
-      take_new, src, valid = stable_assignment(keep_mask(score, valid_N, M), M)
+    take_new, src, valid, score = plan_slots(self.evict, self.geometry, state, p_cache, p_new, scale)
     k, ex_k, hd_k = self._store_one(state, 'k', ck, k_BHSD, take_new, src, valid)
     v, ex_v, hd_v = self._store_one(state, 'v', cv, v_BHSD, take_new, src, valid)
     extra = {**state.extra, **ex_k, **ex_v}
     if 'score' in extra:
-      acc = jnp.where(take_new, gather_entries(score[..., M:], src), score[..., :M])
-      extra['score'] = jnp.where(valid, acc, 0).astype(F16)
+      extra['score'] = kept_scores(score, take_new, src, valid)
     return out, state.replace(k=k, v=v, count=valid.sum(-1).astype(COUNT_DTYPE), extra=extra,
                               header={**state.header, **hd_k, **hd_v})
 
