@@ -9,3 +9,5 @@ from compress import lowrank  # noqa: F401
 from compress import merging  # noqa: F401
 from compress import window_sum  # noqa: F401
 from compress import attn_matching  # noqa: F401
+from compress import learned_lowrank  # noqa: F401
+from compress import learned_evict  # noqa: F401

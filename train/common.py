@@ -76,11 +76,13 @@ def _diff(a: Mapping, b: Mapping, prefix: str = '') -> list[str]:
   return out
 
 
-def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, model_config_json: str) -> None:
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, model_config_json: str,
+                    model_config_file: str = 'model_config.json') -> None:
   """Creates `workdir` or checks that it belongs to the same run; never deletes anything.
 
   A workdir whose saved config differs (other than `RUNTIME_KEYS`) is refused, unless
   `config.overwrite` is set: then the old workdir is renamed to `<workdir>.old-<time>` and a fresh run starts.
+  Writes `config.json` and `model_config_json` (as `model_config_file`).
   """
   cfg_path = os.path.join(workdir, 'config.json')
   if os.path.exists(cfg_path):
@@ -100,7 +102,7 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, model_confi
                      'use an empty or new --workdir')
   os.makedirs(workdir, exist_ok=True)
   for name, text in (('config.json', config.to_json_best_effort(indent=2)),
-                     ('model_config.json', model_config_json)):
+                     (model_config_file, model_config_json)):
     with open(os.path.join(workdir, name), 'w') as f:
       f.write(text + '\n')
 
@@ -358,7 +360,9 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str, state: TrainStat
     start = mngr.latest_step()
     state = restore(mngr, state, start)
     logging.info('resumed from %s at step %d of %d', workdir, start, config.num_steps)
-  writer = tensorboardX.SummaryWriter(os.path.join(workdir, 'tb'), purge_step=start or None)
+  # tensorboardX names files by the second: a unique suffix keeps a quick resume from overwriting the log
+  writer = tensorboardX.SummaryWriter(os.path.join(workdir, 'tb'), purge_step=start or None,
+                                      filename_suffix=f'.{time.time_ns()}')
   end = config.num_steps if stop_at_step is None else min(stop_at_step, config.num_steps)
   last: dict[str, float] = {}
   acc: dict[str, float] = {}
