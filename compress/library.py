@@ -11,3 +11,4 @@ from compress import window_sum  # noqa: F401
 from compress import attn_matching  # noqa: F401
 from compress import learned_lowrank  # noqa: F401
 from compress import learned_evict  # noqa: F401
+from compress import learned_merge  # noqa: F401

@@ -1,0 +1,109 @@
+r"""The memory-error frontier of KV-cache compressors (eval/frontier.py), in one command.
+
+Run (from the repository root):
+  python -m eval.frontier --config configs/frontier.py:tiny --workdir /tmp/frontier_tiny   # ~2 min, CPU
+  python -m eval.frontier --config configs/default.py --workdir runs/frontier     # the main job, <= 10 min
+  python -m eval.frontier --config configs/frontier.py:hard --workdir runs/frontier_hard
+  python -m eval.frontier --config configs/frontier.py:full --workdir runs/frontier_full
+then: tensorboard --logdir <workdir>/tb
+
+Variants:
+  tiny     the built-in default model, 3 heuristics + the full cache and the oracle at 2 budgets,
+           1 learned compressor trained for a few steps, closed loop on 1 image (smoke test).
+  default  the built-in default model: the best-known heuristics of every family (+ oracle, full cache)
+           and the three learned compressors (trained on demand) at 10, 25 and 50 % of the fp16 cache,
+           rank bounds, closed loop (snapkv, kivi, learned low-rank at 10 and 25 %) on 4 images.
+  hard     no model: every non-learned compressor on the flat and the VAR-schedule hard instance
+           against the rate-distortion bound (compress.hard_instance), over 3 draws.
+  full     every registered compressor (learned ones trained longer) at 6 budgets on more sequences.
+Larger models are one flag away: --config.model.source=official --config.model.var_ckpt=var_d16.pth
+--config.model.vae_ckpt=vae_ch160v4096z32.pth (or source=converted, model.converted=DIR).
+Override any field with --config.<field>=<value>, e.g. --config.sweep.budgets="('10%','2bpc')"
+(budgets: '25%' or 0.25 = fraction of the fp16 cache at its peak, '2bpc' bits per cached coordinate,
+'1000bits' per sequence, layer and head) and --config.sweep.methods="('window','kivi(bit_width=2)')".
+A workdir holds one run: a re-run resumes it (finished points are kept); another config is refused.
+"""
+import ml_collections
+
+VARIANTS = ('tiny', 'default', 'hard', 'full')
+BUDGETS = ('10%', '25%', '50%')
+# One compressor of each family (the full cache and the oracle are the references); the main job's
+# 10-minute budget on 2 CPU cores is mostly XLA compiles (one per compressor, budget and scale).
+DEFAULT_METHODS = ('full', 'oracle', 'snapkv', 'scalekv', 'tome', 'cam', 'kivi', 'pca', 'attn_matching')
+LEARNED = ('lowrank_learned', 'evict_learned', 'merge_learned')
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """`arg` is the variant name (default 'default')."""
+  variant = arg or 'default'
+  if variant not in VARIANTS:
+    raise ValueError(f'unknown variant {variant!r} of configs/frontier.py; choose one of {VARIANTS}')
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  c.mode = 'hard' if variant == 'hard' else 'model'   # 'model': captured caches; 'hard': hard instance
+  c.seed = 0                   # parameter initialisation (calibrated compressors)
+  c.kv_dtype = 'float16'       # dtype of stored keys / values: the budget's yardstick
+  c.confidence = 0.95          # confidence level of the intervals over images / instance draws
+  # XLA with most optimisations off: on CPU a sweep point is compile-bound (one compile per compressor,
+  # budget and scale), and this roughly halves it; turn off for large models, whose run time dominates
+  c.fast_compile = True
+  # model: 'default' (var_jax.load_default) | 'official' (var_ckpt + vae_ckpt) | 'converted' (dir)
+  c.model = ml_collections.ConfigDict({'source': 'default', 'var_ckpt': '', 'vae_ckpt': '',
+                                       'converted': '', 'patch_nums': ()})   # () = from the checkpoint
+  # captured caches (var_jax.capture): images = shards x shard_size, two sequences each
+  c.capture = ml_collections.ConfigDict({'train_shards': 4, 'val_shards': 2, 'shard_size': 8, 'seed': 0,
+                                         'cfg': 1.5, 'top_k': 0, 'top_p': 0.0, 'dtype': 'float32'})
+  # teacher-forced sweep on the validation split
+  c.sweep = ml_collections.ConfigDict({
+      'methods': DEFAULT_METHODS,  # 'name' or 'name(key=value,...)'; 'all': every registered one
+      'budgets': BUDGETS,
+      'val_sequences': 0,          # 0: the whole validation split
+      'batch': 16,                 # sequences per run_teacher_forced call
+      'calibration_sequences': 16,  # training sequences given to calibrated compressors (pca, ...)
+  })
+  c.rank_bound = ml_collections.ConfigDict({'settings': ('values', 'kv_entries'), 'curve_points': 24})
+  # learned compressors: trained on demand (train.compressor, on this run's capture) into
+  # WORKDIR/train/<name>-<setting>-<bits>bits, or loaded from checkpoint_root/<same name>
+  c.learned = ml_collections.ConfigDict({
+      'methods': LEARNED, 'budgets': BUDGETS, 'checkpoint_root': '',
+      'variant': 'default',
+      'train': ml_collections.ConfigDict({'num_steps': 100, 'batch_size': 8, 'warmup_steps': 10,
+                                          'eval_every': 100, 'ckpt_every': 100, 'log_every': 25,
+                                          'eval_sequences': 16, 'calibration_sequences': 16})})
+  # closed loop: generation with each compressor vs the full cache, same labels and seeds
+  c.closed_loop = ml_collections.ConfigDict({
+      'methods': ('snapkv', 'kivi', 'lowrank_learned'), 'budgets': ('10%', '25%'),
+      'labels': (0, 3, 6, 9), 'seeds': (0,), 'cfg': 1.5, 'top_k': 0, 'top_p': 0.0})
+  # hard instance (mode 'hard'): flat stream of n tokens and the VAR schedule patch_nums
+  c.hard = ml_collections.ConfigDict({
+      'instances': ('flat', 'var'), 'n': 128, 'patch_nums': (1, 2, 3, 4, 5, 6, 8), 'd': 64,
+      'seeds': (0, 1, 2), 'value_dist': 'gaussian', 'xi': 0.01, 'kv_dtype': 'float16',
+      'methods': ('all',),         # 'all' = every registered non-learned compressor
+      'budgets': ('5%', '10%', '25%', '50%')})
+  c.progress = True
+  c.overwrite = False
+  if variant == 'tiny':
+    c.capture.update({'train_shards': 2, 'val_shards': 1, 'shard_size': 4})
+    c.sweep.methods = ('full', 'oracle', 'window', 'kivi', 'pca')
+    c.sweep.budgets = ('12.5%', '25%')
+    c.sweep.calibration_sequences = 8
+    c.learned.methods = ('lowrank_learned',)
+    c.learned.budgets = ('25%',)
+    c.learned.train.update({'num_steps': 10, 'batch_size': 4, 'warmup_steps': 2, 'eval_every': 10,
+                            'ckpt_every': 10, 'log_every': 5, 'eval_sequences': 8,
+                            'calibration_sequences': 8})
+    c.closed_loop.update({'methods': ('window',), 'budgets': ('25%',), 'labels': (1,)})
+  elif variant == 'full':
+    c.fast_compile = False
+    c.capture.update({'train_shards': 16, 'val_shards': 4})
+    c.sweep.batch = 32
+    c.sweep.methods = ('all',)   # every registered non-learned compressor
+    c.sweep.budgets = ('2.5%', '5%', '10%', '20%', '35%', '50%')
+    c.sweep.calibration_sequences = 64
+    c.learned.methods = ('all',)  # every registered learned compressor, trained at every budget
+    c.learned.budgets = c.sweep.budgets
+    c.learned.train.update({'num_steps': 1000, 'batch_size': 16, 'eval_every': 500, 'ckpt_every': 250,
+                            'eval_sequences': 64, 'calibration_sequences': 64})
+    c.closed_loop.update({'methods': ('window', 'snapkv', 'tome', 'kivi', 'pca', 'lowrank_learned'),
+                          'budgets': ('10%', '25%', '50%'), 'labels': tuple(range(12)), 'seeds': (0, 1)})
+  return c

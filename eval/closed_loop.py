@@ -1,0 +1,97 @@
+"""Closed loop: compressors inside generation, against full-cache generation with the same seeds.
+
+Per (method, setting, budget), over the same labels and PRNG seeds as the full-cache reference:
+token agreement per scale (once a token differs the later scales see another image, so agreement
+compounds), KL(full || compressed) of the guided next-token distributions per scale (the logits the
+sampler draws from, (1 + t) cond - t uncond; in closed loop, so after the first divergence it compares
+different prefixes), PSNR (capped at 100 dB for identical images) and SSIM of the decoded images, and
+the cache memory measured on the final policy state (= its peak: nothing is absorbed after the last
+scale): bytes allocated by its buffers and bytes counted by `Compressor.bits`.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from compress.base import Compressor
+from compress.policy import CompressorPolicy
+from eval.metrics import kl_logits, mean_ci, psnr, ssim
+from var_jax import sampling
+
+PSNR_CAP = 100.0
+COLUMNS = ('method', 'family', 'setting', 'budget', 'budget_bits', 'images', 'token_agreement',
+           'token_agreement_per_scale', 'kl', 'kl_per_scale', 'psnr', 'psnr_ci_low', 'psnr_ci_high', 'ssim',
+           'ssim_ci_low', 'ssim_ci_high', 'bits_max', 'cache_bytes_counted', 'cache_bytes_allocated',
+           'full_cache_bytes_allocated', 'fp16_cache_bytes', 'seconds')
+KEY = ('method', 'setting', 'budget')
+
+
+def state_bytes(state: Any) -> int:
+  """Bytes of every array of a policy state as allocated."""
+  return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(state)))
+
+
+def generate(model: Any, labels: Sequence[int], seeds: Sequence[int], gen: dict[str, Any],
+             policy: Any = None) -> dict[str, Any]:
+  """Generation of `labels` once per seed (batched over labels): tokens per scale (n, pn^2),
+  images (n, H, W, 3) in [0, 1], guided logits per scale (n, pn^2, V), final state (last seed)."""
+  K = len(model.patch_nums)
+  tokens, images, logits = [[] for _ in range(K)], [], [[] for _ in range(K)]
+  out = None
+  for seed in seeds:
+    out = sampling.generate(model.var, model.vae, list(labels), key=jax.random.key(int(seed)),
+                            cfg=gen['cfg'], top_k=gen['top_k'], top_p=gen['top_p'], policy=policy,
+                            capture_logits=True)
+    b = len(labels)
+    for si in range(K):
+      t = np.float32(gen['cfg'] * si / max(K - 1, 1))
+      raw = np.asarray(out.logits[si], np.float32)
+      logits[si].append((1 + t) * raw[:b] - t * raw[b:])
+      tokens[si].append(np.asarray(out.tokens[si]))
+    images.append(np.asarray(out.images, np.float32))
+  return {'tokens': [np.concatenate(t) for t in tokens], 'logits': [np.concatenate(x) for x in logits],
+          'images': np.concatenate(images), 'state': out.cache}
+
+
+def compare(ref: dict[str, Any], got: dict[str, Any], level: float) -> dict[str, Any]:
+  """Agreement, KL, PSNR and SSIM of `got` against the full-cache `ref` (same labels and seeds)."""
+  agree = [float(np.mean(a == b)) for a, b in zip(ref['tokens'], got['tokens'])]
+  sizes = np.array([a.shape[1] for a in ref['tokens']], np.float64)
+  kl = [float(kl_logits(a, b).mean()) for a, b in zip(ref['logits'], got['logits'])]
+  p = np.minimum(psnr(ref['images'], got['images']), PSNR_CAP)
+  s = ssim(ref['images'], got['images'])
+  pm, pl, ph = mean_ci(p, level)
+  sm, sl, sh = mean_ci(s, level)
+  return {'images': int(p.size), 'token_agreement': float(np.dot(agree, sizes) / sizes.sum()),
+          'token_agreement_per_scale': agree, 'kl': float(np.dot(kl, sizes) / sizes.sum()),
+          'kl_per_scale': kl, 'psnr': pm, 'psnr_ci_low': pl, 'psnr_ci_high': ph,
+          'ssim': sm, 'ssim_ci_low': sl, 'ssim_ci_high': sh}
+
+
+def full_reference(model: Any, labels: Sequence[int], seeds: Sequence[int], gen: dict[str, Any]
+                   ) -> dict[str, Any]:
+  ref = generate(model, labels, seeds, gen)
+  ref['bytes'] = state_bytes(ref['state'])
+  return ref
+
+
+def evaluate_policy(model: Any, comp: Compressor, params: Any, setting: str, budget: Any,
+                    ref: dict[str, Any], labels: Sequence[int], seeds: Sequence[int],
+                    gen: dict[str, Any], level: float) -> tuple[dict[str, Any], np.ndarray]:
+  """One closed_loop.csv row and the generated images (n, H, W, 3) of `comp` at its budget."""
+  t0 = time.perf_counter()
+  policy = CompressorPolicy(comp, params)
+  got = generate(model, labels, seeds, gen, policy)
+  bits = np.asarray(policy.bits(got['state']))                      # (layers, 2B, H)
+  cfg = model.var.cfg
+  fp16 = comp.geometry.fp16_bits * cfg.depth * 2 * len(labels) * cfg.num_heads // 8
+  row = {'method': comp.name, 'family': comp.family, 'setting': setting, 'budget': budget,
+         'budget_bits': comp.budget.bits, **compare(ref, got, level), 'bits_max': int(bits.max()),
+         'cache_bytes_counted': float(bits.sum()) / 8, 'cache_bytes_allocated': state_bytes(got['state']),
+         'full_cache_bytes_allocated': ref['bytes'], 'fp16_cache_bytes': fp16,
+         'seconds': time.perf_counter() - t0}
+  return row, got['images']
+

@@ -1,0 +1,316 @@
+r"""The memory-error Pareto frontier of KV-cache compressors against the lower bounds, in one command.
+
+  python -m eval.frontier --config configs/default.py --workdir runs/frontier       # the main job
+  python -m eval.frontier --config configs/frontier.py:tiny --workdir /tmp/frontier_tiny
+  python -m eval.frontier --config configs/frontier.py:hard --workdir runs/frontier_hard
+  tensorboard --logdir runs/frontier/tb
+
+Stages (model mode; each resumes from what the workdir holds, nothing earlier is deleted):
+ 1. model      config.model: the built-in default, official checkpoints or a converted directory.
+ 2. capture    WORKDIR/capture: q, k, v of generated images (var_jax.capture; train / val splits).
+ 3. params     calibrated compressors on the train split; learned ones trained on demand into
+               WORKDIR/train/ (train.compressor) or loaded from config.learned.checkpoint_root.
+ 4. sweep      every method x setting x budget teacher forced on the val split -> frontier.csv, one
+               row per point appended when done (a re-run skips the rows already there).
+ 5. bounds     the rank (Eckart-Young) bound on the same caches -> rows 'rank_bound', bounds.csv.
+ 6. frontier   pareto.csv (lower envelope, all deployable methods and per family), frontier.png.
+ 7. closed loop generation with compressors vs the full cache -> closed_loop.csv, samples_*.png.
+ 8. TensorBoard WORKDIR/tb (eval/tb.py: scalars with step = budget in bits per coordinate x 1000,
+               the figure, hparams with one session per point, the image grids).
+Mode 'hard' (configs/frontier.py:hard) runs stages 4-6 and 8 on the hard instances instead (eval/hard.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from compress import base
+from compress.budget import Budget, CacheGeometry
+from eval import closed_loop, hard, pareto, plots, rank_bound, sweep, tb
+from eval.params import Params
+from eval.results import ResultTable, write_table
+from eval.sweep import FULL_BUDGET, MethodSpec
+
+ALL = 'all'          # in a methods list: every registered compressor of that kind
+BOUND_COLUMNS = ('dataset', 'bound', 'setting', 'bits', 'bits_per_coordinate', 'rel_error')
+
+
+class Paths:
+  """Where the outputs of the run in `workdir` live."""
+  FILES = {'frontier': 'frontier.csv', 'pareto': 'pareto.csv', 'bounds': 'bounds.csv',
+           'closed': 'closed_loop.csv', 'png': 'frontier.png', 'tb': 'tb', 'capture': 'capture',
+           'samples': 'closed_loop'}
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    for name, rel in self.FILES.items():
+      setattr(self, name, os.path.join(workdir, rel))
+
+
+# ---------------------------------------------------------------------------- jobs
+def specs_of(names: Sequence[str], learned: bool) -> list[MethodSpec]:
+  """Parsed method specs; 'all' stands for every registered compressor of that kind (learned or not)."""
+  names = list(names)
+  if ALL in names:
+    names = [n for n in names if n != ALL] + [n for n in base.available()
+                                              if base.REGISTRY[n].learned == learned and n not in names]
+  specs = sweep.parse_methods(names)
+  wrong = [str(s) for s in specs if s.cls.learned != learned]
+  if wrong:
+    where = ('learned.methods (they are trained per budget)' if not learned else 'sweep.methods')
+    raise ValueError(f'{wrong} belong in {where}')
+  return specs
+
+
+def sweep_jobs(config: ml_collections.ConfigDict, geometry: CacheGeometry) -> list[tuple[MethodSpec, Any]]:
+  """(spec, budget label) of every teacher-forced point; budget-free references run once ('full')."""
+  jobs = []
+  for specs, budgets in ((specs_of(config.sweep.methods, False), config.sweep.budgets),
+                         (specs_of(config.learned.methods, True), config.learned.budgets)):
+    for spec in specs:
+      if not spec.cls.respects_budget:
+        jobs.append((spec, FULL_BUDGET))
+        continue
+      for b in budgets:
+        Budget.parse(b, geometry)       # a bad budget fails here, before any work
+        jobs.append((spec, b))
+  return jobs
+
+
+def run_points(table: ResultTable, jobs: Sequence[tuple[MethodSpec, Any]],
+               evaluate: Callable[[MethodSpec, Any], dict], progress: bool, dataset: str) -> list[str]:
+  """Evaluates every job whose row is missing; returns the failures (those rows stay missing)."""
+  from tqdm import tqdm
+  failed = []
+  todo = [(s, b) for s, b in jobs if {'dataset': dataset, 'method': s.name, 'setting': s.setting,
+                                      'budget': b} not in table]
+  with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f'frontier [{dataset}]', unit='point',
+            disable=not progress) as bar:
+    for spec, budget in todo:
+      bar.set_postfix_str(f'{spec}@{budget}')
+      try:
+        table.append(evaluate(spec, budget))
+      except Exception as e:  # pylint: disable=broad-except  (one broken compressor must not stop the rest)
+        failed.append(f'{spec}@{budget}: {type(e).__name__}: {e}')
+        print(f'\nFAILED {failed[-1]}', file=sys.stderr)
+      # A point's executables (one per scale) are never used again; hundreds of them exhaust the
+      # process's memory maps (LLVM 'Cannot allocate memory', then a crash), so drop them.
+      jax.clear_caches()
+      bar.update(1)
+  return failed
+
+
+# ---------------------------------------------------------------------------- model mode
+def load_model(mc: ml_collections.ConfigDict) -> Any:
+  import var_jax  # pylint: disable=g-import-not-at-top
+  pn = tuple(mc.patch_nums) or None
+  if mc.source == 'default':
+    return var_jax.load_default()
+  if mc.source == 'official':
+    if not (mc.var_ckpt and mc.vae_ckpt):
+      raise ValueError('model.source "official" needs --config.model.var_ckpt=var_d16.pth and '
+                       '--config.model.vae_ckpt=vae_ch160v4096z32.pth')
+    return var_jax.load_official(mc.var_ckpt, mc.vae_ckpt, pn)
+  if mc.source == 'converted':
+    if not mc.converted:
+      raise ValueError('model.source "converted" needs --config.model.converted=DIR (python -m var_jax.convert)')
+    return var_jax.load_converted(mc.converted)
+  raise ValueError(f'model.source must be "default", "official" or "converted", got {mc.source!r}')
+
+
+def capture_stage(config: ml_collections.ConfigDict, model: Any, path: str) -> None:
+  from var_jax import capture  # pylint: disable=g-import-not-at-top
+  c = config.capture
+  capture.capture(model, path, train_shards=c.train_shards, val_shards=c.val_shards,
+                  shard_size=c.shard_size, seed=c.seed, cfg=c.cfg, top_k=c.top_k, top_p=c.top_p,
+                  dtype=c.dtype, progress=config.progress, source={'kind': config.model.source})
+
+
+def bounds_stage(config, table, data, geometry, jobs) -> list[dict]:
+  """Rank-bound rows at every budget of the sweep (appended if missing) and curves for the plot."""
+  if not config.rank_bound.settings:
+    return []
+  budgets = sorted({(str(b), Budget.parse(b, geometry).bits) for _, b in jobs if b != FULL_BUDGET},
+                   key=lambda x: x[1])
+  bound = rank_bound.RankBound(data, config.sweep.batch)
+  for row in rank_bound.rows(bound, geometry, budgets, tuple(config.rank_bound.settings)):
+    if row not in table:
+      table.append(row)
+  curves = []
+  for s in config.rank_bound.settings:
+    c = bound.curve(geometry, s, config.rank_bound.curve_points)
+    curves.append({'dataset': 'val', 'bound': 'rank_bound', 'label': f'rank bound ({s})', 'setting': s,
+                   'bits': c['bits'], 'bits_per_coordinate': c['bits'] / geometry.coordinates,
+                   'rel_error': c['rel_error']})
+  return curves
+
+
+def check_closed_loop(config: ml_collections.ConfigDict, geometry: CacheGeometry) -> None:
+  cl = config.closed_loop
+  for spec in sweep.parse_methods(list(cl.methods)):
+    if spec.cls.oracle:
+      raise ValueError(f'closed_loop.methods has the oracle {spec}: it needs future queries, which '
+                       'generation does not have; evaluate it teacher forced only (sweep.methods)')
+  for b in cl.budgets:
+    Budget.parse(b, geometry)
+  if cl.methods and not (cl.labels and cl.seeds and cl.budgets):
+    raise ValueError('closed_loop.methods is set but closed_loop.labels, .seeds or .budgets is empty')
+
+
+def closed_loop_stage(config, paths: Paths, model, geometry, params: Params) -> tuple[list, dict]:
+  """closed_loop.csv rows and {name: image grid} (full cache | method at each budget)."""
+  cl = config.closed_loop
+  specs = sweep.parse_methods(list(cl.methods))
+  if not specs:
+    return [], {}
+  table = ResultTable(paths.closed, closed_loop.COLUMNS, closed_loop.KEY)
+  gen = {'cfg': cl.cfg, 'top_k': cl.top_k, 'top_p': cl.top_p}
+  os.makedirs(paths.samples, exist_ok=True)
+  img_path = lambda name: os.path.join(paths.samples, f'{tb.tag(name).replace("/", "_")}.npy')
+  ref = None
+  for spec in specs:
+    for budget in cl.budgets:
+      if {'method': spec.name, 'setting': spec.setting, 'budget': budget} in table:
+        continue
+      if ref is None:
+        ref = closed_loop.full_reference(model, cl.labels, cl.seeds, gen)
+        np.save(img_path('full'), np.round(ref['images'] * 255).astype(np.uint8))
+      comp = spec.make(geometry, budget)
+      row, images = closed_loop.evaluate_policy(model, comp, params(spec, comp), spec.setting, budget, ref,
+                                                cl.labels, cl.seeds, gen, config.confidence)
+      np.save(img_path(f'{spec}@{budget}'), np.round(images * 255).astype(np.uint8))
+      table.append(row)
+      jax.clear_caches()              # this policy's generation steps are not used again
+  grids = {}
+  for spec in specs:
+    cols = [img_path('full')] + [img_path(f'{spec}@{b}') for b in cl.budgets]
+    if all(os.path.exists(p) for p in cols):
+      grid = plots.image_grid([np.load(p) / 255.0 for p in cols])
+      plots.save_png(grid, os.path.join(paths.workdir, f'samples_{tb.tag(str(spec))}.png'), scale=2)
+      grids[f'val/{spec}'] = grid
+  return table.rows, grids
+
+
+def run_model(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable[[str], None]) -> dict:
+  from var_jax.capture import CaptureDataset  # pylint: disable=g-import-not-at-top
+  from var_jax.config import to_json  # pylint: disable=g-import-not-at-top
+  t0 = time.time()
+  model = load_model(config.model)
+  geometry = CacheGeometry(model.patch_nums, model.var.cfg.head_dim, config.kv_dtype)
+  jobs = sweep_jobs(config, geometry)                     # config errors surface before any work
+  check_closed_loop(config, geometry)
+  prepare(to_json(model.var.cfg))
+  capture_stage(config, model, paths.capture)
+  val = CaptureDataset(paths.capture, 'val')
+  data = sweep.CacheSet.from_dataset(val, config.sweep.val_sequences)
+  n_cal = config.sweep.calibration_sequences
+  train = CaptureDataset(paths.capture, 'train')
+  params = Params(config, paths.workdir, paths.capture,
+                  lambda: train.get(np.arange(min(n_cal, train.num_sequences))),
+                  data.num_layers, data.num_heads)
+  table = ResultTable(paths.frontier, sweep.COLUMNS, sweep.KEY)
+  evaluate = lambda spec, b: sweep.evaluate_spec(spec, b, data, geometry, params, batch=config.sweep.batch,
+                                                 level=config.confidence)
+  failed = run_points(table, jobs, evaluate, config.progress, 'val')
+  curves = bounds_stage(config, table, data, geometry, jobs)
+  closed, grids = closed_loop_stage(config, paths, model, geometry, params)
+  finish(config, paths, table.rows, curves, closed, grids, {'val': geometry.coordinates}, 'VAR KV cache')
+  return {'failed': failed, 'seconds': time.time() - t0}
+
+
+# ---------------------------------------------------------------------------- hard mode
+def run_hard(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable[[str], None]) -> dict:
+  t0 = time.time()
+  h = config.hard
+  draws = hard.instances(h)
+  specs = specs_of(h.methods, False)
+  jobs = [(s, b) for s in specs for b in (h.budgets if s.cls.respects_budget else (FULL_BUDGET,))]
+  for kind, ds in draws.items():                          # config errors surface before any work
+    for _, b in jobs:
+      if b != FULL_BUDGET:
+        Budget.parse(b, ds[0][0].geometry)
+  prepare(json.dumps(h.to_dict(), indent=2, default=list))
+  table = ResultTable(paths.frontier, sweep.COLUMNS + hard.COLUMNS, sweep.KEY)
+  failed, curves, coordinates = [], [], {}
+  for kind, ds in draws.items():
+    coordinates[kind] = ds[0][0].geometry.coordinates
+    evaluate = lambda s, b, kind=kind, ds=ds: hard.evaluate_spec(kind, ds, s, b, config.confidence)
+    failed += run_points(table, jobs, evaluate, config.progress, kind)
+    curves.append({**hard.rd_curve(kind, ds), 'bound': 'rate_distortion', 'setting': 'keys_free'})
+  finish(config, paths, table.rows, curves, [], {}, coordinates, 'hard instance')
+  return {'failed': failed, 'seconds': time.time() - t0}
+
+
+# ---------------------------------------------------------------------------- outputs
+def finish(config, paths: Paths, rows, curves, closed, grids, coordinates, title) -> None:
+  """pareto.csv, bounds.csv, frontier.png and the TensorBoard view of the tables."""
+  front = pareto.frontier_rows(rows)
+  write_table(paths.pareto, pareto.COLUMNS, front)
+  write_table(paths.bounds, BOUND_COLUMNS,
+              [{'dataset': c['dataset'], 'bound': c['bound'], 'setting': c['setting'], 'bits': b,
+                'bits_per_coordinate': x, 'rel_error': e}
+               for c in curves for b, x, e in zip(c['bits'], c['bits_per_coordinate'], c['rel_error'])])
+  fig = plots.frontier_figure(rows, front, curves, title)
+  fig.savefig(paths.png, dpi=120)
+  key = tb.digest([paths.frontier, paths.closed, paths.bounds])
+  if not tb.up_to_date(paths.tb, key):
+    figures = {d: fig for d in {r['dataset'] for r in rows}}
+    if len(figures) > 1:       # one figure per TensorBoard run
+      figures = {d: plots.frontier_figure([r for r in rows if r['dataset'] == d], front,
+                                          [c for c in curves if c['dataset'] == d], title) for d in figures}
+    tb.write(paths.tb, key, rows, front, figures, grids, closed, coordinates)
+  plots.plt.close('all')
+
+
+MODE_SECTIONS = {'model': ('model', 'capture', 'sweep', 'rank_bound', 'learned', 'closed_loop'),
+                 'hard': ('hard',)}
+
+
+def run_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The part of `config` the run in its mode reads (saved as config.json and compared on resume)."""
+  unused = {s for mode, sections in MODE_SECTIONS.items() if mode != config.mode for s in sections}
+  return ml_collections.ConfigDict({k: v for k, v in config.items() if k not in unused})
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) the frontier of `config` in `workdir`; returns {'failed', 'seconds'}."""
+  from train import common  # pylint: disable=g-import-not-at-top
+  if config.mode not in ('model', 'hard'):
+    raise ValueError(f'config.mode must be "model" or "hard", got {config.mode!r}')
+  paths = Paths(workdir)
+  prepare = lambda model_json: common.prepare_workdir(workdir, run_config(config), model_json)
+  with sweep.fast_compile(config.fast_compile):
+    return (run_hard if config.mode == 'hard' else run_model)(config, paths, prepare)
+
+
+def main(argv: Sequence[str]) -> None:
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  F = flags.FLAGS
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {list(argv[1:])}')
+  try:
+    result = run(F.config, F.workdir)
+  except (ValueError, FileNotFoundError) as e:
+    raise SystemExit(f'error: {e}') from None
+  p = Paths(F.workdir)
+  print(f'\nfrontier done in {result["seconds"]:.0f} s: {p.frontier} (one row per point), {p.pareto}, '
+        f'{p.bounds}, {p.png}' + (f', {p.closed}, samples_*.png' if os.path.exists(p.closed) else '')
+        + f'\nTensorBoard: tensorboard --logdir {p.tb}')
+  if result['failed']:
+    raise SystemExit('FAILED points (re-run the same command to retry them):\n  ' + '\n  '.join(result['failed']))
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file('config', 'configs/default.py', 'frontier config (configs/frontier.py:<variant>)')
+  flags.DEFINE_string('workdir', None, 'run directory (created; a re-run resumes it)')
+  flags.mark_flags_as_required(['workdir'])
+  app.run(main)

@@ -1,0 +1,88 @@
+"""Parameters of the compressors a frontier run evaluates: calibrated on the training split of the
+capture, or trained on demand (`train.compressor`) / loaded from a checkpoint directory when learned.
+
+Learned compressor `name` with settings `setting` at a budget of `bits` bits lives in
+`<root>/<name>-<setting>-<bits>bits` (root = WORKDIR/train, or `learned.checkpoint_root` to load runs
+trained elsewhere; a missing one there is an error, never trained silently into someone else's folder).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from compress.base import Compressor
+from eval.sweep import MethodSpec
+
+
+def run_name(spec: MethodSpec, comp: Compressor) -> str:
+  return f'{spec.name}-{spec.setting}-{comp.budget.bits}bits'.replace('=', '_').replace(',', '_')
+
+
+def train_config(config: ml_collections.ConfigDict, spec: MethodSpec, comp: Compressor,
+                 capture_dir: str) -> ml_collections.ConfigDict:
+  """configs/compressor.py:<learned.variant>,<name> on this run's capture, at the point's budget."""
+  from configs import compressor as compressor_config  # pylint: disable=g-import-not-at-top
+  c = compressor_config.get_config(f'{config.learned.variant},{spec.name}')
+  c.data.source, c.data.path = 'capture', os.path.abspath(capture_dir)
+  c.budget = f'{comp.budget.bits}bits'
+  c.kv_dtype = config.kv_dtype
+  c.seed = config.seed
+  for k, v in spec.settings:
+    c.settings[k] = v
+  for k, v in config.learned.train.items():
+    if k not in c:
+      raise ValueError(f'learned.train.{k} is not a field of configs/compressor.py; its fields are '
+                       f'{sorted(c.keys())}')
+    c[k] = v
+  c.progress = config.progress
+  return c
+
+
+class Params:
+  """`params(spec, comp)` -> the compressor's parameters (None when it has none), memoised."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, capture_dir: str,
+               calibration: Any, num_layers: int, num_heads: int):
+    self.config, self.workdir, self.capture_dir = config, workdir, capture_dir
+    self._calibration = calibration          # callable -> {'q','k','v'} (N, b, H, L, D), or the dict
+    self.num_layers, self.num_heads = num_layers, num_heads
+    self._cache: dict[Compressor, Any] = {}
+
+  def calibration(self) -> Any:
+    if callable(self._calibration):
+      self._calibration = self._calibration()
+    return self._calibration
+
+  def __call__(self, spec: MethodSpec, comp: Compressor) -> Any:
+    if comp not in self._cache:
+      if comp.learned and not comp.passthrough:
+        self._cache[comp] = self._learned(spec, comp)
+      else:
+        calib = self.calibration() if comp.needs_calibration else None
+        self._cache[comp] = comp.init_params(jax.random.key(self.config.seed), self.num_layers,
+                                             self.num_heads, calibration=calib)
+    return self._cache[comp]
+
+  def _learned(self, spec: MethodSpec, comp: Compressor) -> Any:
+    from train import compressor as trainer  # pylint: disable=g-import-not-at-top
+    root = self.config.learned.checkpoint_root
+    if root:
+      folder = os.path.join(root, run_name(spec, comp))
+      if not os.path.isdir(folder):
+        raise FileNotFoundError(f'learned.checkpoint_root has no run {folder!r} for {spec} at '
+                                f'{comp.budget.bits} bits; train it with python -m train.compressor '
+                                f'--workdir {folder} ..., or leave checkpoint_root empty to train here')
+      trained, params = trainer.load_trained(folder)
+    else:
+      folder = os.path.join(self.workdir, 'train', run_name(spec, comp))
+      trained, params = trainer.train(train_config(self.config, spec, comp, self.capture_dir), folder)
+    if trained != comp:
+      diff = {f.name: (getattr(trained, f.name), getattr(comp, f.name))
+              for f in dataclasses.fields(comp) if getattr(trained, f.name) != getattr(comp, f.name)}
+      raise ValueError(f'the compressor trained in {folder!r} differs from the one evaluated: '
+                       f'{diff} (trained, wanted); use a matching run or retrain')
+    return params

@@ -1,0 +1,96 @@
+"""Append-only result tables: one CSV row per finished point, so that a re-run resumes the sweep.
+
+A row is appended (flushed and fsynced) as soon as its point is done; a point whose key is already in
+the file is not computed again. The header is fixed when the file is created: a file with another
+header is refused (it belongs to another kind of run).
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+
+def fmt(value: Any) -> str:
+  """CSV text of a value: floats with repr precision, None as '', lists space separated."""
+  if value is None:
+    return ''
+  if isinstance(value, bool):
+    return str(value)
+  if isinstance(value, float):       # also numpy floats: their repr is 'np.float64(...)'
+    return repr(float(value)) if math.isfinite(value) else str(float(value))
+  if isinstance(value, (list, tuple)):
+    return ' '.join(fmt(v) for v in value)
+  if hasattr(value, 'item') and getattr(value, 'ndim', 1) == 0:   # numpy scalars
+    return fmt(value.item())
+  return str(value)
+
+
+class ResultTable:
+  """`path` with `columns`; rows are keyed by the `key` columns (as their CSV text)."""
+
+  def __init__(self, path: str, columns: Sequence[str], key: Sequence[str]):
+    missing = set(key) - set(columns)
+    if missing:
+      raise ValueError(f'key columns {sorted(missing)} are not among the columns')
+    self.path, self.columns, self.key = path, tuple(columns), tuple(key)
+    self._rows: list[dict[str, str]] = []
+    if os.path.exists(path):
+      with open(path, newline='') as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != self.columns:
+          raise ValueError(f'{path} has columns {reader.fieldnames}, expected {list(self.columns)}: it was '
+                           'written by another version or kind of run; use a new --workdir')
+        self._rows = list(reader)
+    self._keys = {self._key(r) for r in self._rows}
+
+  def _key(self, row: Mapping[str, Any]) -> tuple[str, ...]:
+    return tuple(fmt(row.get(k)) for k in self.key)
+
+  def __contains__(self, row_key: Mapping[str, Any]) -> bool:
+    return self._key(row_key) in self._keys
+
+  def __len__(self) -> int:
+    return len(self._rows)
+
+  @property
+  def rows(self) -> list[dict[str, str]]:
+    """Rows as read back (every value a string), in file order."""
+    return list(self._rows)
+
+  def append(self, row: Mapping[str, Any]) -> None:
+    """Writes one row (unknown keys are an error, missing columns are left empty)."""
+    extra = set(row) - set(self.columns)
+    if extra:
+      raise ValueError(f'row has keys {sorted(extra)} that are not columns of {self.path}')
+    if row in self:
+      raise ValueError(f'{self.path} already has a row for {self._key(row)}')
+    text = {c: fmt(row.get(c)) for c in self.columns}
+    new = not os.path.exists(self.path)
+    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+    with open(self.path, 'a', newline='') as f:
+      w = csv.DictWriter(f, fieldnames=list(self.columns))
+      if new:
+        w.writeheader()
+      w.writerow(text)
+      f.flush()
+      os.fsync(f.fileno())
+    self._rows.append(text)
+    self._keys.add(self._key(text))
+
+
+def write_table(path: str, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
+  """Writes a derived table (re-created from the results on every run) atomically."""
+  tmp = f'{path}.partial'
+  with open(tmp, 'w', newline='') as f:
+    w = csv.DictWriter(f, fieldnames=list(columns))
+    w.writeheader()
+    for r in rows:
+      w.writerow({c: fmt(r.get(c)) for c in columns})
+  os.replace(tmp, path)
+
+
+def as_float(row: Mapping[str, Any], col: str) -> float:
+  v = row.get(col)
+  return float('nan') if v in (None, '') else float(v)

@@ -1,0 +1,217 @@
+"""Teacher-forced sweep points: one compressor at one budget over held-out captured caches.
+
+A method is given as a spec string `name` or `name(key=value,...)` (settings = the compressor's
+dataclass fields, e.g. `kivi(bit_width=2)`); its `setting` column is `key=value,...` or `default`.
+
+Per point the row holds the bits actually kept (peak over scales; max and mean over layers,
+sequences and heads), bits per cached coordinate (`CacheGeometry.coordinates` = peak tokens x (key +
+value dims)), the fraction of the fp16 cache, and the aggregate relative L2 error of the attention
+outputs of every query of every scale (overall, per layer, per scale) with a t-interval over the
+independent units (the images: the two CFG halves of an image are one unit, `image_units`).
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import dataclasses
+import re
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from compress import base, evaluate
+from compress.budget import CacheGeometry
+from eval.metrics import ratio_ci
+
+# Columns of frontier.csv. bits: max over (layer, sequence, head) of the peak bits one head's cache
+# held between scales; bits_mean: their mean; shared_bits: parameters shared by every sequence
+# (projections), not in the per-head budget; rel_error: sqrt(sum |out - exact|^2 / sum |exact|^2)
+# over every output; lower_bound_bits / min_error_at_bits: rate-distortion bound (hard instance only).
+COLUMNS = ('dataset', 'method', 'family', 'setting', 'budget', 'oracle', 'learned', 'deployable',
+           'budget_bits', 'bits', 'bits_mean', 'bits_per_coordinate', 'fraction_of_fp16', 'shared_bits',
+           'rel_error', 'rel_error_ci_low', 'rel_error_ci_high', 'rel_error_per_layer',
+           'rel_error_per_scale', 'num_sequences', 'num_units', 'lower_bound_bits', 'min_error_at_bits',
+           'seconds')
+KEY = ('dataset', 'method', 'setting', 'budget')
+FULL_BUDGET = 'full'      # the budget label of the full-cache reference point
+_SPEC = re.compile(r'^\s*([A-Za-z0-9_]+)\s*(?:\((.*)\))?\s*$')
+
+
+@contextlib.contextmanager
+def fast_compile(enabled: bool = True):
+  """Within: XLA compiles with most optimisations off (`jax_disable_most_optimizations`). On CPU a
+  sweep point is dominated by compiling one step per (compressor, budget, scale); this roughly halves
+  that time and leaves the (small) run time about the same. Restores the previous setting."""
+  before = bool(jax.config.read('jax_disable_most_optimizations'))
+  jax.config.update('jax_disable_most_optimizations', bool(enabled) or before)
+  try:
+    yield
+  finally:
+    jax.config.update('jax_disable_most_optimizations', before)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+  """A registered compressor name and settings (sorted (key, value) pairs)."""
+  name: str
+  settings: tuple[tuple[str, Any], ...] = ()
+
+  @classmethod
+  def parse(cls, spec: str) -> MethodSpec:
+    m = _SPEC.match(spec)
+    if not m:
+      raise ValueError(f'cannot read method spec {spec!r}: use "name" or "name(key=value,...)", '
+                       'e.g. "kivi(bit_width=2)"')
+    name, args = m.group(1), (m.group(2) or '').strip()
+    if name not in base.available():
+      raise ValueError(f'unknown compressor {name!r} in {spec!r}; registered: {", ".join(base.available())}')
+    settings = {}
+    for part in filter(None, (p.strip() for p in args.split(','))):
+      key, eq, value = part.partition('=')
+      if not eq or not key.strip():
+        raise ValueError(f'setting {part!r} of {spec!r} is not key=value')
+      try:
+        settings[key.strip()] = ast.literal_eval(value.strip())
+      except (ValueError, SyntaxError):
+        settings[key.strip()] = value.strip()    # a bare word: a string setting
+    spec_obj = cls(name, tuple(sorted(settings.items())))
+    fields = {f.name for f in dataclasses.fields(spec_obj.cls)} - {'geometry', 'budget'}
+    unknown = set(settings) - fields
+    if unknown:
+      raise ValueError(f'{name} has no setting(s) {sorted(unknown)} (in {spec!r}); its settings are '
+                       f'{sorted(fields)}')
+    return spec_obj
+
+  @property
+  def cls(self) -> type[base.Compressor]:
+    return base.REGISTRY[self.name]
+
+  @property
+  def setting(self) -> str:
+    return ','.join(f'{k}={v}' for k, v in self.settings) or 'default'
+
+  def __str__(self) -> str:
+    return self.name if not self.settings else f'{self.name}({self.setting})'
+
+  def make(self, geometry: CacheGeometry, budget: Any) -> base.Compressor:
+    return base.make(self.name, geometry, budget, **dict(self.settings))
+
+
+def parse_methods(specs: Sequence[str]) -> list[MethodSpec]:
+  out = [MethodSpec.parse(s) for s in specs]
+  dup = {str(s) for s in out if out.count(s) > 1}
+  if dup:
+    raise ValueError(f'methods listed twice: {sorted(dup)}')
+  return out
+
+
+class CacheSet:
+  """Held-out sequences in memory: q, k, v (layers, n, H, L, D) float32 and `units` (n,) (the image of
+  each sequence); exact full-cache outputs are computed once per batch and kept."""
+
+  def __init__(self, qkv: dict[str, np.ndarray], units: np.ndarray, patch_nums: Sequence[int]):
+    self.q, self.k, self.v = (np.asarray(qkv[t], np.float32) for t in 'qkv')
+    self.units = np.asarray(units)
+    self.patch_nums = tuple(int(p) for p in patch_nums)
+    self.num_layers, self.num_sequences, self.num_heads, self.num_tokens, self.head_dim = self.q.shape
+    if self.units.shape != (self.num_sequences,):
+      raise ValueError(f'units must be (n,) = ({self.num_sequences},), got {self.units.shape}')
+    self._exact: dict[tuple[int, int], jax.Array] = {}
+
+  @classmethod
+  def from_dataset(cls, ds: Any, max_sequences: int = 0) -> CacheSet:
+    """The first `max_sequences` (0: all) sequences of a `CaptureDataset` split; units = images."""
+    n = ds.num_sequences if max_sequences <= 0 else min(max_sequences, ds.num_sequences)
+    idx = np.arange(n)
+    return cls(ds.get(idx), image_units(ds)[idx], ds.patch_nums)
+
+  def batches(self, batch: int) -> list[tuple[int, int]]:
+    b = max(1, int(batch))
+    return [(i, min(i + b, self.num_sequences)) for i in range(0, self.num_sequences, b)]
+
+  def slice(self, a: int, b: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return tuple(jnp.asarray(x[:, a:b]) for x in (self.q, self.k, self.v))
+
+  def exact(self, a: int, b: int) -> jax.Array:
+    if (a, b) not in self._exact:
+      self._exact[(a, b)] = evaluate.exact_outputs(*self.slice(a, b), self.patch_nums)
+    return self._exact[(a, b)]
+
+
+def image_units(ds: Any) -> np.ndarray:
+  """(n,) image id of every sequence of a capture split: a shard of `shard_size` images holds the
+  conditional halves (rows 0..s-1), then the unconditional ones (rows s..2s-1) of the same images."""
+  s = int(ds.manifest['shard_size'])
+  i = np.arange(ds.num_sequences)
+  units = (i // (2 * s)) * s + i % s
+  partner = np.where((i % (2 * s)) < s, i + s, i - s)
+  ok = (np.array_equal(np.asarray(ds.halves), (i % (2 * s)) // s)
+        and np.array_equal(np.asarray(ds.seeds), np.asarray(ds.seeds)[partner])
+        and np.array_equal(np.asarray(ds.labels), np.asarray(ds.labels)[partner]))
+  if not ok:
+    raise ValueError('the capture does not hold [conditional halves, unconditional halves] per shard of '
+                     f'{s} images (manifest shard_size); it was not written by var_jax.capture.capture')
+  return units
+
+
+def squared_errors(out_NBHLD: jax.Array, exact_NBHLD: jax.Array, patch_nums: Sequence[int]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """(d2, e2), each (B, N, K) float64: sum over heads, dims and the scale's tokens of |out - exact|^2
+  and |exact|^2, per sequence, layer and scale."""
+  d2_NBL = np.asarray(jnp.sum((out_NBHLD.astype(jnp.float32) - exact_NBHLD) ** 2, axis=(2, 4)), np.float64)
+  e2_NBL = np.asarray(jnp.sum(exact_NBHLD ** 2, axis=(2, 4)), np.float64)
+  starts = np.cumsum([0] + [p * p for p in patch_nums[:-1]])
+  per_scale = lambda x: np.moveaxis(np.add.reduceat(x, starts, axis=2), 0, 1)   # (B, N, K)
+  return per_scale(d2_NBL), per_scale(e2_NBL)
+
+
+def run_point(comp: base.Compressor, params: Any, data: CacheSet, batch: int) -> dict[str, np.ndarray]:
+  """Runs `comp` teacher forced over every held-out sequence: d2, e2 (n, N, K), peak_bits (N, n, H)."""
+  d2, e2, bits = [], [], []
+  for a, b in data.batches(batch):
+    res = evaluate.run_teacher_forced(comp, params, *data.slice(a, b))
+    x, y = squared_errors(res['out'], data.exact(a, b), data.patch_nums)
+    d2.append(x)
+    e2.append(y)
+    bits.append(np.asarray(res['peak_bits']))
+  return {'d2': np.concatenate(d2), 'e2': np.concatenate(e2), 'peak_bits': np.concatenate(bits, axis=1)}
+
+
+def summarize(d2_nNK: np.ndarray, e2_nNK: np.ndarray, units: np.ndarray, level: float) -> dict[str, Any]:
+  """Aggregate errors: overall with its CI over units, per layer (N,) and per scale (K,)."""
+  _, inverse = np.unique(units, return_inverse=True)
+  d2_u = np.bincount(inverse, d2_nNK.sum((1, 2)))
+  e2_u = np.bincount(inverse, e2_nNK.sum((1, 2)))
+  err, low, high = ratio_ci(d2_u, e2_u, level)
+  safe = lambda a, b: np.sqrt(a / np.maximum(b, 1e-300))
+  return {'rel_error': err, 'rel_error_ci_low': low, 'rel_error_ci_high': high,
+          'rel_error_per_layer': [float(x) for x in safe(d2_nNK.sum((0, 2)), e2_nNK.sum((0, 2)))],
+          'rel_error_per_scale': [float(x) for x in safe(d2_nNK.sum((0, 1)), e2_nNK.sum((0, 1)))],
+          'num_sequences': int(d2_nNK.shape[0]), 'num_units': int(d2_u.size)}
+
+
+def bits_columns(bits: float, geometry: CacheGeometry) -> dict[str, float]:
+  return {'bits_per_coordinate': bits / geometry.coordinates, 'fraction_of_fp16': bits / geometry.fp16_bits}
+
+
+def evaluate_spec(spec: MethodSpec, budget: Any, data: CacheSet, geometry: CacheGeometry,
+                  params_fn: Callable[[MethodSpec, base.Compressor], Any], *, batch: int, level: float,
+                  dataset: str = 'val') -> dict[str, Any]:
+  """One frontier.csv row: `spec` at `budget` (FULL_BUDGET: the full cache) over `data`."""
+  t0 = time.perf_counter()
+  comp = spec.make(geometry, geometry.full_bits if budget == FULL_BUDGET else budget)
+  params = params_fn(spec, comp)
+  res = run_point(comp, params, data, batch)
+  bits = float(res['peak_bits'].max())
+  summary = summarize(res['d2'], res['e2'], data.units, level)
+  if not np.isfinite(summary['rel_error']):
+    raise FloatingPointError(f'{spec} at budget {budget}: non-finite attention outputs')
+  cls = type(comp)
+  return {'dataset': dataset, 'method': spec.name, 'family': cls.family, 'setting': spec.setting,
+          'budget': budget, 'oracle': cls.oracle, 'learned': cls.learned, 'deployable': not cls.oracle,
+          'budget_bits': comp.budget.bits, 'bits': int(bits), 'bits_mean': float(res['peak_bits'].mean()),
+          **bits_columns(bits, geometry), 'shared_bits': comp.shared_bits(params), **summary,
+          'seconds': time.perf_counter() - t0}
