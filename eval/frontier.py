@@ -152,14 +152,15 @@ def bounds_stage(config, table, data, geometry, jobs) -> list[dict]:
   return curves
 
 
-def check_closed_loop(config: ml_collections.ConfigDict, geometry: CacheGeometry) -> None:
+def check_methods(config: ml_collections.ConfigDict) -> None:
+  """Method lists of the model mode are valid (before the model is even loaded)."""
+  specs_of(config.sweep.methods, False)
+  specs_of(config.learned.methods, True)
   cl = config.closed_loop
   for spec in sweep.parse_methods(list(cl.methods)):
     if spec.cls.oracle:
       raise ValueError(f'closed_loop.methods has the oracle {spec}: it needs future queries, which '
                        'generation does not have; evaluate it teacher forced only (sweep.methods)')
-  for b in cl.budgets:
-    Budget.parse(b, geometry)
   if cl.methods and not (cl.labels and cl.seeds and cl.budgets):
     raise ValueError('closed_loop.methods is set but closed_loop.labels, .seeds or .budgets is empty')
 
@@ -202,10 +203,12 @@ def run_model(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable
   from var_jax.capture import CaptureDataset  # pylint: disable=g-import-not-at-top
   from var_jax.config import to_json  # pylint: disable=g-import-not-at-top
   t0 = time.time()
+  check_methods(config)                                   # config errors surface before any work
   model = load_model(config.model)
   geometry = CacheGeometry(model.patch_nums, model.var.cfg.head_dim, config.kv_dtype)
-  jobs = sweep_jobs(config, geometry)                     # config errors surface before any work
-  check_closed_loop(config, geometry)
+  jobs = sweep_jobs(config, geometry)
+  for b in config.closed_loop.budgets:
+    Budget.parse(b, geometry)
   prepare(to_json(model.var.cfg))
   capture_stage(config, model, paths.capture)
   val = CaptureDataset(paths.capture, 'val')

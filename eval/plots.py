@@ -55,9 +55,11 @@ def frontier_figure(rows: Sequence[Mapping[str, Any]], pareto: Sequence[Mapping[
     if front:
       ax.step([as_float(r, 'bits_per_coordinate') for r in front], [y(r) for r in front], 'k-',
               where='post', lw=2.5, alpha=0.5, label='Pareto frontier')
+    xs = [as_float(r, 'bits_per_coordinate') for r in points if r['dataset'] == dataset]
+    x_min = min([x for x in xs if x > 0], default=1e-3) / 30    # bounds drawn over the points' range
     for c, style in zip((c for c in curves if c['dataset'] == dataset), itertools.cycle(['--', ':', '-.'])):
       bpc, err = np.asarray(c['bits_per_coordinate'], float), np.asarray(c['rel_error'], float)
-      ok = (bpc > 0) & np.isfinite(err) & (err > 0)         # a zero bound has no place on log axes
+      ok = (bpc >= x_min) & np.isfinite(err) & (err > 0)    # a zero bound has no place on log axes
       ax.plot(bpc[ok], err[ok], style, color='0.35', lw=1.8, label=c['label'])
     ax.set_xscale('log')
     ax.set_yscale('log')

@@ -31,7 +31,8 @@ def no_params(spec, comp):
 
 def test_method_specs():
   s = sweep.MethodSpec.parse('kivi(bit_width=2, key_layout=token)')
-  assert s.name == 'kivi' and s.setting == 'bit_width=2,key_layout=token' and str(s) == 'kivi(bit_width=2,key_layout=token)'
+  assert s.name == 'kivi' and s.setting == 'bit_width=2,key_layout=token'
+  assert str(s) == 'kivi(bit_width=2,key_layout=token)'
   assert s.make(CacheGeometry(PN, D), '50%').bit_width == 2
   assert sweep.MethodSpec.parse('window').setting == 'default'
   with pytest.raises(ValueError, match='unknown compressor'):

@@ -50,6 +50,7 @@ def hard_config():
   return c
 
 
+@pytest.mark.slow
 def test_hard_frontier_respects_the_rate_distortion_bound_and_resumes(tmp_path, monkeypatch):
   calls = []
   real = hard.evaluate_spec
@@ -116,8 +117,9 @@ def tiny_model_config():
 
 def test_bad_configs_fail_before_any_work(tmp_path):
   for field, value, match in (('closed_loop.methods', ('oracle',), 'oracle'),
-                              ('sweep.budgets', ('lots',), 'budget'),
-                              ('sweep.methods', ('window(size=2)',), 'no setting')):
+                              ('sweep.methods', ('window(size=2)',), 'no setting'),
+                              ('learned.methods', ('window',), 'sweep.methods'),
+                              ('sweep.budgets', ('lots',), 'budget')):        # (this one loads the model)
     c = tiny_model_config()
     section, name = field.split('.')
     c[section][name] = value
