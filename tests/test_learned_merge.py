@@ -173,10 +173,10 @@ def test_full_budget_is_exact_in_both_paths():
 def test_jit_equals_no_jit_and_params_shapes():
   D = 4
   g = CacheGeometry(PN[:3], head_dim=D)
-  comp = base.make('merge_learned', g, 0.5, content_iters=1)
+  comp = base.make('merge_learned', g, budget_for(4, D, 16), content_iters=1)
   params = comp.init_params(jax.random.key(0), 3, 2)
   M = comp.capacity
-  assert M == 6 and params['pos1'].shape == (3, 2, M, M + 4) and params['spread_gain'].shape == (3, 2)
+  assert M == 4 and params['pos1'].shape == (3, 2, M, M + 4) and params['spread_gain'].shape == (3, 2)
   assert comp.shared_bits(params) == 32 * sum(int(a.size) for a in params.values())
   p0 = perturbed(layer(params), seed=4, scale=0.5)
   q, k, v = random_qkv(6, g.num_tokens, D, H=2)
