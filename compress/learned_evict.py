@@ -16,8 +16,11 @@ as that heuristic does (log is monotone). W1 starts random, so w2 gets gradients
 (W1 then gets them once w2 != 0).
 
 Hard path (EvictionCompressor): keeps the top-`capacity` candidates by score. Per entry it stores the
-key and value at the geometry dtype, an int16 'pos' (scale, row, col, recency follow from it) and the
-accumulated attention 'acc' at `acc_dtype`, all counted.
+key and value at the geometry dtype and, only when asked, an int16 'pos' (`store_pos`: log_pooled,
+recency, age, row and col follow from it) and the accumulated attention 'acc' at `acc_dtype`
+(`store_acc`: log_acc), all counted; features whose field is not stored are 0. By default neither is
+stored, so an entry costs what a `scalekv` entry costs (the extra 32 bits cost one of 9 entries at
+10 % of the fp16 cache on the default model, more than the features gained).
 
 `train_outputs` relaxes the whole streaming eviction for one layer: every token stays in a full-length
 buffer with a log-keep weight added to its logit for later queries. At each scale's compression the
@@ -66,7 +69,8 @@ class LearnedEviction(EvictionCompressor):
   Params (leading axes (layers, heads)): 'w_lin' (F + 2D,), 'w1' (F + 2D, hidden), 'b1' (hidden,),
   'w2' (hidden,), float32. Settings: hidden (MLP width, 0 = linear), init_rule (heuristic reproduced
   at init: scalekv | snapkv | h2o | window), kernel/pool (SnapKV pooling of 'log_pooled'), acc_dtype
-  (stored accumulated attention), tau (soft top-k temperature of train_outputs, in score units).
+  (stored accumulated attention), tau (soft top-k temperature of train_outputs, in score units),
+  store_pos / store_acc (store the fields the position and accumulated-attention features need).
   """
   hidden: int = 16
   init_rule: str = 'scalekv'
@@ -74,6 +78,8 @@ class LearnedEviction(EvictionCompressor):
   pool: str = 'avg'
   acc_dtype: str = 'float16'
   tau: float = 0.1
+  store_pos: bool = False
+  store_acc: bool = False
 
   name = 'evict_learned'
   family = 'eviction'
@@ -92,9 +98,21 @@ class LearnedEviction(EvictionCompressor):
       raise ValueError(f'{self.name}: acc_dtype must be a float dtype, got {self.acc_dtype!r}')
     if not self.tau > 0:
       raise ValueError(f'{self.name}: tau must be > 0, got {self.tau}')
+    if not self.available[FEATURES.index(INIT_RULES[self.init_rule])]:
+      raise ValueError(f'{self.name}: init_rule {self.init_rule!r} scores by '
+                       f'{INIT_RULES[self.init_rule]!r}, which needs a stored field: set '
+                       "store_pos=True (snapkv, window) or store_acc=True (h2o)")
 
   def extra_fields(self):
-    return {**pos_field(self.geometry), 'acc': ((), self.acc_dtype)}
+    fields = pos_field(self.geometry) if self.store_pos else {}
+    return {**fields, 'acc': ((), self.acc_dtype)} if self.store_acc else fields
+
+  @property
+  def available(self) -> np.ndarray:
+    """(F,) 1 for the features the stored fields allow, 0 for those set to 0 (see the module doc)."""
+    off = (() if self.store_pos else ('log_pooled', 'recency', 'age', 'row', 'col')) + (
+        () if self.store_acc else ('log_acc',))
+    return np.array([f not in off for f in FEATURES], np.float32)
 
   @property
   def in_dim(self) -> int:
@@ -130,7 +148,8 @@ class LearnedEviction(EvictionCompressor):
     cols = [log(mass_BHN), log(pooled_BHN), log(acc_BHN),
             jnp.maximum(pos_BHN, 0).astype(jnp.float32) / max(L - 1, 1),
             (scale - grid[..., 0]) / (K - 1), grid[..., 1], grid[..., 2], is_new_BHN.astype(jnp.float32)]
-    return jnp.stack(cols, axis=-1)
+    feats = jnp.stack(cols, axis=-1)
+    return jnp.where(jnp.asarray(self.available) > 0, feats, 0.0)
 
   def scores(self, params, feats_BHNF, k_BHND, v_BHND) -> jax.Array:
     """(B, H, N) float32 scores; params of one layer (leaves (H, ...))."""
@@ -162,12 +181,16 @@ class LearnedEviction(EvictionCompressor):
   # ---- hard path --------------------------------------------------------------------------------
   def score(self, params, state, cand: Candidates, scale, ctx) -> jax.Array:
     self._check_params(params)
-    mass, pooled, acc = self._masses(cand.attn, cand.pos, cand.valid, cand.extra['acc'])
+    acc_prev = cand.extra['acc'] if self.store_acc else jnp.zeros(cand.valid.shape, jnp.float32)
+    mass, pooled, acc = self._masses(cand.attn, cand.pos, cand.valid, acc_prev)
     feats = self.features(mass, pooled, acc, cand.pos, cand.is_new, scale)
     return self.scores(params, feats, cand.k, cand.v)
 
   def updated_extra(self, cand: Candidates, scale: int) -> dict[str, jax.Array]:
-    return {'pos': cand.pos, 'acc': cand.extra['acc'] + cand.attn.sum(axis=2)}
+    extra = {'pos': cand.pos} if self.store_pos else {}
+    if self.store_acc:
+      extra['acc'] = cand.extra['acc'] + cand.attn.sum(axis=2)
+    return extra
 
   # ---- relaxation -------------------------------------------------------------------------------
   def train_outputs(self, params, q_BHLD: jax.Array, k_BHLD: jax.Array, v_BHLD: jax.Array

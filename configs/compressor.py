@@ -21,7 +21,7 @@ import ml_collections
 VARIANTS = ('tiny', 'default')
 DEFAULT_COMPRESSOR = 'lowrank_learned'
 # The heuristic of the same family evaluated once at the start, at the same budget, for reference.
-BASELINES = {'lowrank_learned': 'pca', 'evict_learned': 'snapkv', 'merge_learned': 'tome'}
+BASELINES = {'lowrank_learned': 'pca', 'evict_learned': 'scalekv', 'merge_learned': 'cam'}
 # Peak learning rate per compressor (the default 3e-3 otherwise). The eviction scorer's relaxed loss
 # diverges at 3e-3 on the default model's caches (held-out error 0.158 -> 0.208 in 150 steps); at 3e-4
 # it improves steadily (0.158 -> 0.150).
@@ -90,6 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # evaluation: hard-path error on the validation split (every `eval_every` steps and at the end)
   c.eval_sequences = 64                # at most this many validation sequences
   c.eval_batch = 16                    # sequences per evaluation chunk
+  c.eval_at_start = True               # evaluate the initialisation and the baseline at step 0
   # bookkeeping (runtime keys: may change when resuming)
   c.log_every = 25
   c.eval_every = 500

@@ -16,6 +16,7 @@ PN = (1, 2, 3, 4)
 G = CacheGeometry(PN, head_dim=16)
 D = G.head_dim
 ENTRY = 2 * D * 16 + 16 + 16                     # key, value (fp16), int16 pos, fp16 accumulated mass
+STORE = {'store_pos': True, 'store_acc': True}   # every feature available (the default stores neither)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -106,7 +107,7 @@ def test_entropic_topk_sums_to_k_and_hardens():
 def test_init_keeps_what_the_heuristic_keeps(data, rule):
   _, (q, k, v) = data
   q, k, v = (x[0, :2] for x in (q, k, v))
-  comp = base.make('evict_learned', G, Budget(16 + 4 * ENTRY), init_rule=rule)
+  comp = base.make('evict_learned', G, Budget(16 + 4 * ENTRY), init_rule=rule, **STORE)
   assert comp.capacity == 4
   heur = base.make(rule, G, 0.0)
   heur = base.make(rule, G, Budget(16 + 4 * heur.layout().entry_bits()))   # the same capacity
@@ -118,10 +119,28 @@ def test_init_keeps_what_the_heuristic_keeps(data, rule):
   np.testing.assert_array_equal(out, ref)
 
 
+def test_default_stores_what_scalekv_stores_and_keeps_its_choices(data):
+  """No pos / acc fields by default: a scalekv entry's bits, scalekv's capacity and kept sets at init;
+  rules whose feature needs a field say which setting to turn on."""
+  _, (q, k, v) = data
+  q, k, v = (x[0, :2] for x in (q, k, v))
+  for budget in ('10%', '25%'):
+    comp, heur = base.make('evict_learned', G, budget), base.make('scalekv', G, budget)
+    assert comp.layout().entry_bits() == heur.layout().entry_bits() == 2 * D * 16
+    assert comp.capacity == heur.capacity
+    _, states = _run(comp, _layer(comp.init_params(jax.random.key(0), 1, 2)), q, k, v)
+    _, ref_states = _run(heur, None, q, k, v)
+    for s, r in zip(states, ref_states):
+      assert _kept_keys(s) == _kept_keys(r)
+  for rule, flag in (('snapkv', 'store_pos'), ('window', 'store_pos'), ('h2o', 'store_acc')):
+    with pytest.raises(ValueError, match=flag):
+      base.make('evict_learned', G, '25%', init_rule=rule)
+
+
 def test_bits_fill_the_budget(data):
   _, (q, k, v) = data
   budget = Budget.parse('25%', G)
-  comp = base.make('evict_learned', G, budget)
+  comp = base.make('evict_learned', G, budget, **STORE)
   m = comp.capacity
   assert m == (budget.bits - 16) // ENTRY and m >= 1
   _, states = _run(comp, _layer(comp.init_params(jax.random.key(0), 1, 2)), q[0], k[0], v[0])
@@ -148,7 +167,7 @@ def test_full_budget_is_exact_and_needs_no_params(data):
 @pytest.mark.parametrize('budget', ['25%', 16 + 0 * ENTRY])          # capacity 3, and 0
 def test_relaxation_equals_hard_path_as_tau_goes_to_zero(data, budget):
   _, (q, k, v) = data
-  comp = base.make('evict_learned', G, budget, tau=1e-6)
+  comp = base.make('evict_learned', G, budget, tau=1e-6, **STORE)
   params = _perturbed(comp.init_params(jax.random.key(0), 2, 2))          # MLP and k/v terms active
   hard = _teacher_forced(comp, params, q, k, v)['out']
   soft = _train_outputs(comp, params, q, k, v)
@@ -157,7 +176,7 @@ def test_relaxation_equals_hard_path_as_tau_goes_to_zero(data, budget):
 
 def test_relaxation_gradients_are_finite_and_nonzero(data):
   (q, k, v), _ = data
-  comp = base.make('evict_learned', G, '25%', tau=0.1)
+  comp = base.make('evict_learned', G, '25%', tau=0.1, **STORE)
   exact = evaluate.exact_outputs(q, k, v, PN)
   loss = lambda p: rel_error(jax.vmap(comp.train_outputs)(p, q, k, v), exact)
   grad = jax.jit(jax.grad(loss))

@@ -288,7 +288,7 @@ def test_cli_overrides_reach_the_trainer(tmp_path):
 def test_config_variants():
   assert 'python -m train.compressor --config configs/compressor.py:tiny' in configs.__doc__
   c = configs.get_config('default,merge_learned')
-  assert c.compressor == 'merge_learned' and c.data.source == 'capture' and c.baseline.merge_learned == 'tome'
+  assert c.compressor == 'merge_learned' and c.data.source == 'capture' and c.baseline.merge_learned == 'cam'
   assert configs.get_config('tiny').settings.to_dict() == {'key_fraction': 0.5}    # lowrank_learned's
   with pytest.raises(ValueError, match='unknown variant'):
     configs.get_config('huge')

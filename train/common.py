@@ -38,7 +38,8 @@ from var_jax.data import CLASS_NAMES, BuiltinDataset, folder_classes, load_image
 TrainState = dict[str, Any]     # {'params': nnx.State, 'rest': nnx.State, 'opt': optax state, 'step': int32}
 Metrics = dict[str, jax.Array]
 # Keys that do not change what is computed: they may differ when a run is resumed.
-RUNTIME_KEYS = frozenset({'overwrite', 'progress', 'log_every', 'ckpt_every', 'keep_ckpts', 'eval_every'})
+RUNTIME_KEYS = frozenset({'overwrite', 'progress', 'log_every', 'ckpt_every', 'keep_ckpts', 'eval_every',
+                          'eval_at_start'})
 EVAL_SEED_OFFSET = 1_000_003     # built-in evaluation images use data.seed + this
 # Official VAR `filter_params`: parameters whose path contains one of these get no weight decay.
 NO_DECAY_KEYS = ('pos_start', 'pos_1LC', 'lvl_embed', 'scale_mul', 'ada_gss', 'bias', 'gamma', 'beta')

@@ -293,7 +293,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
   mngr = common.checkpoint_manager(workdir, config.keep_ckpts)
   fresh = mngr.latest_step() is None
   mngr.close()
-  if fresh:      # step 0: the initialisation and the heuristic baseline, for reference
+  if fresh and config.get('eval_at_start', True):   # step 0: the init and the baseline, for reference
     writer = tensorboardX.SummaryWriter(os.path.join(workdir, 'tb'),
                                         filename_suffix=f'.init.{time.time_ns()}')
     write_scalars(writer, 'eval/', eval_fn(state, 0, writer), 0)
