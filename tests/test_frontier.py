@@ -17,7 +17,7 @@ import pytest
 
 from configs import frontier as frontier_config
 from compress.budget import Budget, CacheGeometry
-from eval import closed_loop, frontier, hard, sweep, tb
+from eval import closed_loop, compare, frontier, hard, sweep, tb
 
 FIX = pathlib.Path(__file__).parent / 'data' / 'var_official_tiny'
 REQUIRED = ('method', 'setting', 'budget', 'bits', 'bits_per_coordinate', 'fraction_of_fp16', 'rel_error')
@@ -173,6 +173,30 @@ def test_model_frontier_outputs(model_run):
   assert float(cl[0]['cache_bytes_counted']) <= float(cl[0]['fp16_cache_bytes']) * 0.25 + 1
   for f in ('frontier.png', 'samples_window.png', 'bounds.csv', 'capture/manifest.json', 'tb/.digest'):
     assert os.path.exists(os.path.join(model_run, f)), f
+
+
+@pytest.mark.slow
+def test_paired_compare_reproduces_the_sweep(model_run):
+  """eval.compare re-runs the learned method (its trained params) and a heuristic on the same images:
+  the same errors and bits as frontier.csv, ratio = their quotient inside its paired interval."""
+  rows = {r['method']: r for r in read_csv(os.path.join(model_run, 'frontier.csv'))}
+  (row,) = compare.compare(model_run, 'lowrank_learned', 'pca', ['25%'])
+  for tag, name in (('a', 'lowrank_learned'), ('b', 'pca')):
+    assert row[f'rel_error_{tag}'] == pytest.approx(float(rows[name]['rel_error']), rel=1e-6)
+    assert row[f'bits_{tag}'] == int(rows[name]['bits'])
+  assert row['ratio'] == pytest.approx(row['rel_error_a'] / row['rel_error_b'], rel=1e-6)
+  assert row['ratio_ci_low'] <= row['ratio'] <= row['ratio_ci_high'] and row['num_images'] == 4
+  with pytest.raises(FileNotFoundError, match='evict_learned'):
+    compare.compare(model_run, 'evict_learned', 'pca', ['25%'])       # not trained by this run
+
+
+def test_paired_ratio_closed_forms(tmp_path):
+  d2 = np.array([1.0, 4.0, 0.5, 2.0])
+  assert compare.paired_ratio(d2, d2, d2) == (1.0, 1.0, 1.0)
+  ratio, lo, hi = compare.paired_ratio(0.25 * d2, d2, d2)            # every image: error halved
+  assert ratio == pytest.approx(0.5) and lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
+  with pytest.raises(FileNotFoundError, match='eval.frontier'):
+    compare.load_run(str(tmp_path))
 
 
 @pytest.mark.slow
