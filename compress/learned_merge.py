@@ -10,7 +10,7 @@ Every step (per head) the candidates are the kept slots and the new scale's S to
                 it is dropped
   weight_pow    merge weights w_c = (m_c / max m) ** weight_pow (floored at 1e-12), m_c the candidate's
                 mean attention probability over the scale's queries (CaM: 1)
-  calib         log-mass mix: slot a stores  b_a = ls_a + calib * (cal_a - ls_a), where
+  calib         log-mass mix: slot a stores  b_a = ls_a + CALIB_GAIN * calib * (cal_a - ls_a), where
                 ls_a = log sum_{c in a} e^{b_c}  (sizes add: ToMe's proportional attention) and
                 cal_a = log sum_{s, c in a} e^{q_s.k_c + b_c} - log sum_s e^{q_s.k_a}  sets the merged
                 entry's total attention over the current scale's queries to its members' (exact for the
@@ -27,10 +27,13 @@ Hard path (`compress_step`, evaluation): hard top-M, argmax assignment, threshol
 (`train_outputs`, one layer over the whole pyramid): a buffer holds every token seen so far as a
 potential slot; a candidate c stays a slot with weight sig_c = sigmoid((s_c - t) / tau) (t midway
 between the M-th and (M+1)-th score of what the hard path would hold, `compress.relax`) and sends the
-rest (1 - sig_c) * gate_c to the hard path's anchors a != c by pi_ca = softmax_a(sim_ca / temperature +
-log sig_a), gate_c = sigmoid((sum_a pi_ca sim_ca - threshold) / temperature). Keys, values and log-masses are the same
-formulas over these soft member weights, rounded as stored (straight-through). As tau, temperature -> 0
-the member weights become the hard path's and so do the outputs.
+rest (1 - sig_c) * gate_c to the hard path's anchors a != c by pi_ca = softmax_a(sim_ca / temperature
++ log sig_a), gate_c = sigmoid((sum_a pi_ca sim_ca - threshold) / temperature). Keys, values and
+log-masses are the same formulas over these soft member weights, rounded as stored (straight-through).
+As tau, temperature -> 0 the member weights become the hard path's and so do the outputs.
+
+On the default model's caches (100 AdamW steps, lr 3e-3) it ends 12-13 % below CaM and 33-39 % below
+ToMe at 10 / 25 / 50 % of the fp16 cache (README, `eval.compare`).
 """
 from __future__ import annotations
 
