@@ -191,6 +191,18 @@ def full_step(geometry: CacheGeometry, state: Slots, q_BHSD, k_BHSD, v_BHSD, sca
   return out, state.replace(k=k, v=v, count=count)
 
 
+def check_param_shapes(name: str, params: Any, want: Mapping[str, tuple[int, ...]], build: str,
+                       context: str, fix: str) -> None:
+  """Raises a ValueError naming the problem and the fix unless every `want` leaf of one layer's params
+  is (heads,) + its trailing shape. build: how to make params (said when params is None)."""
+  if params is None:
+    raise ValueError(f'{name} needs the parameters from {build}')
+  for n, shape in want.items():
+    got = None if n not in params else tuple(params[n].shape)
+    if got is None or len(got) < len(shape) + 1 or got[len(got) - len(shape):] != tuple(shape):
+      raise ValueError(f'{name}: parameter {n!r} must end in {tuple(shape)} ({context}), got {got}; {fix}')
+
+
 # ---- registry -----------------------------------------------------------------------------------
 REGISTRY: dict[str, type[Compressor]] = {}
 

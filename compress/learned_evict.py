@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compress.attention import attend
-from compress.base import register
+from compress.base import check_param_shapes, register
 from compress.eviction import pos_field
 from compress.eviction_attn import pool_by_position
 from compress.relax import (NEG_BIG, hard_topk_mask, pyramid_attention, soft_topk_log_mask,
@@ -162,16 +162,11 @@ class LearnedEviction(EvictionCompressor):
     return s
 
   def _check_params(self, params) -> None:
-    if params is None:
-      raise ValueError(f'{self.name} needs the parameters from init_params(key, layers, heads)')
     want = {'w_lin': (self.in_dim,), 'w1': (self.in_dim, self.hidden), 'b1': (self.hidden,),
             'w2': (self.hidden,)}
-    for n, shape in want.items():
-      if n not in params or tuple(params[n].shape[-len(shape):]) != shape:
-        got = None if n not in params else tuple(params[n].shape)
-        raise ValueError(f'{self.name}: parameter {n!r} must end in {shape} (head_dim '
-                         f'{self.geometry.head_dim}, hidden {self.hidden}), got {got}; rebuild params '
-                         'with init_params for this geometry and settings')
+    check_param_shapes(self.name, params, want, 'init_params(key, layers, heads)',
+                       f'head_dim {self.geometry.head_dim}, hidden {self.hidden}',
+                       'rebuild params with init_params for this geometry and settings')
 
   def _masses(self, attn_BHSN, pos_BHN, valid_BHN, acc_prev_BHN):
     mass = attn_BHSN.sum(axis=2)

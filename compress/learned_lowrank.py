@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from compress.base import register
+from compress.base import check_param_shapes, register
 from compress.lowrank import PCA
 from compress.relax import pyramid_attention, straight_through_cast
 
@@ -70,18 +70,13 @@ class LearnedLowRank(PCA):
     return {n: straight_through_cast(a, self.geometry.kv_dtype) for n, a in params.items()}
 
   def _check_params(self, params) -> None:
-    if params is None:
-      raise ValueError(f'{self.name} needs the parameters from init_params(..., calibration=...)')
     _, rk, rv = self.plan()
     D = self.geometry.head_dim
-    for t, r in (('k', rk), ('v', rv)):
-      want = {f'{t}_enc': (D, r), f'{t}_dec': (r, D), f'{t}_mean': (D,)}
-      for n, shape in want.items():
-        if n not in params or tuple(params[n].shape[-len(shape):]) != shape:
-          got = None if n not in params else tuple(params[n].shape)
-          raise ValueError(f'{self.name}: parameter {n!r} must end in {shape} for this budget '
-                           f'(rk={rk}, rv={rv}, D={D}), got {got}; rebuild params with init_params '
-                           'for this geometry and budget')
+    want = {f'{t}_{n}': shape for t, r in (('k', rk), ('v', rv))
+            for n, shape in (('enc', (D, r)), ('dec', (r, D)), ('mean', (D,)))}
+    check_param_shapes(self.name, params, want, 'init_params(..., calibration=...)',
+                       f'for this budget: rk={rk}, rv={rv}, D={D}',
+                       'rebuild params with init_params for this geometry and budget')
 
   # ---- projection (used by pca's compress_step, so the hard path is pca's with these maps) ------
   def project(self, params, t: str, x_BHSD: jax.Array) -> jax.Array:

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compress.attention import attend
-from compress.base import register
+from compress.base import check_param_shapes, register
 from compress.relax import (NEG_BIG, hard_topk_mask, pyramid_attention, soft_topk_log_mask,
                             straight_through_cast)
 from compress.slots import SlotCompressor, gather_entries, pack, top_entries
@@ -94,8 +94,7 @@ def hard_members(params, sim_BHCA, anchor_BHN, valid_BHN) -> jax.Array:
   return ((eye & anchor_BHN[:, :, :, None]) | joins).astype(jnp.float32)
 
 
-def soft_members(params, sim_BHCA, logsig_BHN, anchor_BHN, valid_BHN, temperature: float
-                 ) -> jax.Array:
+def soft_members(params, sim_BHCA, logsig_BHN, anchor_BHN, temperature: float) -> jax.Array:
   """(B, H, N_a, N_c) relaxed member weights sig_a [a = c] + (1 - sig_c) gate_c pi_ca (module doc).
 
   pi_ca spreads over the hard anchors a != c (`anchor`), so that the weights tend to `hard_members`
@@ -111,7 +110,7 @@ def soft_members(params, sim_BHCA, logsig_BHN, anchor_BHN, valid_BHN, temperatur
   sig_BHN = jnp.exp(logsig_BHN)
   own = eye.astype(jnp.float32) * sig_BHN[:, :, :, None]
   moved = jnp.swapaxes(pi_BHCA * ((1.0 - sig_BHN) * gate_BHN)[..., None], -1, -2)
-  return (own + moved) * valid_BHN[:, :, None, :].astype(jnp.float32)
+  return own + moved
 
 
 def merge_slots(params, W_BHAC, q_BHSD, k_BHCD, v_BHCD, b_BHC, mass_BHC, kv_dtype, lm_dtype):
@@ -198,14 +197,9 @@ class LearnedMerge(SlotCompressor):
     return 0 if params is None else sum(int(a.size) * 32 for a in jax.tree_util.tree_leaves(params))
 
   def _check_params(self, params) -> None:
-    if params is None:
-      raise ValueError(f'{self.name} needs the parameters from init_params(key, layers, heads)')
-    for n, shape in PARAMS.items():
-      got = None if n not in params else tuple(params[n].shape)
-      if got is None or len(got) < 1 + len(shape) or got[len(got) - len(shape):] != shape:
-        raise ValueError(f'{self.name}: parameter {n!r} must be (heads,) + {shape} per layer, got {got}; '
-                         'rebuild params with init_params (an older merge_learned checkpoint does not '
-                         'fit this version: retrain it)')
+    check_param_shapes(self.name, params, PARAMS, 'init_params(key, layers, heads)', 'per layer and head',
+                       'rebuild params with init_params (an older merge_learned checkpoint does not fit '
+                       'this version: retrain it)')
 
   # ---- hard path --------------------------------------------------------------------------------
   def compress_step(self, params, state, q_BHSD, k_BHSD, v_BHSD, scale: int, ctx):
@@ -267,7 +261,6 @@ class LearnedMerge(SlotCompressor):
       score = jnp.einsum('bhnf,hf->bhn', features(attn.sum(2), ck, cv, cb, is_new), params['score'])
       logsig = soft_topk_log_mask(score, held, m, self.tau)
       alive = hard_topk_mask(jax.lax.stop_gradient(score), held, m)
-      W = soft_members(params, similarity(params, ck, cv), logsig, alive, jnp.ones(held.shape, bool),
-                       self.temperature)
+      W = soft_members(params, similarity(params, ck, cv), logsig, alive, self.temperature)
       bk, bv, bb = merge_slots(params, W, q, ck, cv, cb, attn.mean(2), dt, self.logmass_dtype)
     return jnp.concatenate(outs, axis=2)

@@ -1,6 +1,10 @@
 """Helpers shared by the compressor tests: run a compressor scale by scale on one layer."""
+import functools
+
 import jax
 import numpy as np
+
+from compress import evaluate
 
 
 def random_qkv(seed: int, L: int, D: int, B: int = 1, H: int = 2, scale: float = 2.0):
@@ -26,3 +30,20 @@ def run_steps(comp, q, k, v, jit: bool = True):
     outs.append(np.asarray(out))
     bits.append(np.asarray(comp.bits(state)))
   return np.concatenate(outs, axis=2), state, bits
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def teacher_forced(comp, params, q_NBHLD, k_NBHLD, v_NBHLD):
+  """compress.evaluate.run_teacher_forced as one compiled program (tests compile per compressor)."""
+  return evaluate.run_teacher_forced(comp, params, q_NBHLD, k_NBHLD, v_NBHLD)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def train_outputs_all(comp, params, q_NBHLD, k_NBHLD, v_NBHLD):
+  """comp.train_outputs over every layer (params with their layer axis)."""
+  return jax.vmap(comp.train_outputs)(params, q_NBHLD, k_NBHLD, v_NBHLD)
+
+
+def layer_params(params, n=0):
+  """One layer's parameters (None stays None)."""
+  return None if params is None else jax.tree_util.tree_map(lambda x: x[n], params)

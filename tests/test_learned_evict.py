@@ -11,6 +11,8 @@ import pytest
 from compress import base, evaluate, relax, synthetic
 from compress.attention import rel_error
 from compress.budget import Budget, CacheGeometry
+from compress_helpers import (layer_params as _layer, teacher_forced as _teacher_forced,
+                             train_outputs_all as _train_outputs)
 
 PN = (1, 2, 3, 4)
 G = CacheGeometry(PN, head_dim=16)
@@ -35,22 +37,6 @@ def _kept_keys(state):
   """(B, H) sorted tuples of the kept keys (as stored): the kept set, independent of slot order."""
   k, n = np.asarray(state.k, np.float32), np.asarray(state.count)
   return [[sorted(map(tuple, k[b, h, :n[b, h]])) for h in range(k.shape[1])] for b in range(k.shape[0])]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _teacher_forced(comp, params, q_NBHLD, k_NBHLD, v_NBHLD):
-  """compress.evaluate.run_teacher_forced as one compiled program (tests compile per compressor)."""
-  return evaluate.run_teacher_forced(comp, params, q_NBHLD, k_NBHLD, v_NBHLD)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _train_outputs(comp, params, q_NBHLD, k_NBHLD, v_NBHLD):
-  """comp.train_outputs over every layer (params with their layer axis)."""
-  return jax.vmap(comp.train_outputs)(params, q_NBHLD, k_NBHLD, v_NBHLD)
-
-
-def _layer(params, n=0):
-  return jax.tree_util.tree_map(lambda x: x[n], params)
 
 
 def _perturbed(params, seed=1, size=0.3):

@@ -10,6 +10,8 @@ import pytest
 from compress import base, evaluate, synthetic
 from compress.attention import block_causal_attention, rel_error
 from compress.budget import Budget, CacheGeometry
+from compress_helpers import (layer_params as _layer, teacher_forced as _teacher_forced,
+                             train_outputs_all as _train_outputs)
 
 PN = (1, 2, 3, 4)
 G = CacheGeometry(PN, head_dim=16)
@@ -31,22 +33,6 @@ def _run(comp, params, q_BHLD, k_BHLD, v_BHLD, jit=True):
     outs.append(out)
     states.append(state)
   return jnp.concatenate(outs, 2), states
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _teacher_forced(comp, params, q_NBHLD, k_NBHLD, v_NBHLD):
-  """compress.evaluate.run_teacher_forced as one compiled program (tests compile per compressor)."""
-  return evaluate.run_teacher_forced(comp, params, q_NBHLD, k_NBHLD, v_NBHLD)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _train_outputs(comp, params, q_NBHLD, k_NBHLD, v_NBHLD):
-  """comp.train_outputs over every layer (params with their layer axis)."""
-  return jax.vmap(comp.train_outputs)(params, q_NBHLD, k_NBHLD, v_NBHLD)
-
-
-def _layer(params, n=0):
-  return jax.tree_util.tree_map(lambda x: x[n], params)
 
 
 @pytest.fixture(scope='module')

@@ -13,7 +13,7 @@ import pytest
 from compress import base, evaluate, learned_merge, synthetic
 from compress.attention import block_causal_attention, rel_error
 from compress.budget import CacheGeometry
-from compress_helpers import random_qkv, run_steps
+from compress_helpers import layer_params as layer, random_qkv, run_steps
 
 PN = (1, 2, 3, 4)
 
@@ -25,10 +25,6 @@ def entry_bits(D: int, kv_bits: int, logmass_bits: int = 16) -> int:
 def budget_for(capacity: int, D: int, kv_bits: int, logmass_bits: int = 16) -> int:
   """Bits that hold exactly `capacity` entries (+ the 16-bit count)."""
   return capacity * entry_bits(D, kv_bits, logmass_bits) + 16
-
-
-def layer(params, i: int = 0):
-  return None if params is None else jax.tree_util.tree_map(lambda x: x[i], params)
 
 
 def perturbed(params, seed: int, scale: float = 0.5, keep=()):
