@@ -12,7 +12,7 @@ patch_nums (1, 2, 3, 4); tests) and `default` (a capture directory, `data.path` 
 compressor name (default `lowrank_learned`) also fills `settings` with that compressor's dataclass
 defaults, so that each can be overridden as `--config.settings.<name>=<value>`. Override any other
 field with `--config.<field>=<value>`. Budgets: '25%' (of the fp16 cache at its peak), '2.5bpc' (bits per
-cached coordinate) or '100000bits' (per sequence, layer and head), as `compress.budget.Budget.parse`.
+cached coordinate) or '100000bits' (per sequence, layer and head), as `compress.Budget.parse`.
 """
 import dataclasses
 
@@ -46,7 +46,7 @@ def compressor_settings(name: str) -> ml_collections.ConfigDict:
 
 
 def data_config() -> ml_collections.ConfigDict:
-  """Caches: `capture` (a var_jax.capture directory) or `synthetic` (compress.synthetic.var_like_qkv)."""
+  """Caches: `capture` (a var_jax.capture directory) or `synthetic` (compress.core.synthetic.var_like_qkv)."""
   return ml_collections.ConfigDict({
       'source': 'capture',
       'path': '',                    # capture directory (source 'capture'); splits 'train' and 'val'

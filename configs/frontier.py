@@ -14,7 +14,7 @@ Variants:
            and the three learned compressors (trained on demand) at 10, 25 and 50 % of the fp16 cache,
            rank bounds, closed loop (snapkv, kivi, learned low-rank at 10 and 25 %) on 4 images.
   hard     no model: every non-learned compressor on the flat and the VAR-schedule hard instance
-           against the rate-distortion bound (compress.hard_instance), over 3 draws.
+           against the rate-distortion bound (compress.theory.hard_instance), over 3 draws.
   full     every registered compressor (learned ones trained longer) at 6 budgets on more sequences.
 Larger models are one flag away: --config.model.source=official --config.model.var_ckpt=var_d16.pth
 --config.model.vae_ckpt=vae_ch160v4096z32.pth (or source=converted, model.converted=DIR).

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from typing import Any
 
 from absl import app, flags
 import jax
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from compress.core.accounting import tree_bytes
 from var_jax import sampling
 from var_jax.config import SIZES, VQVAEConfig
 from var_jax.var import VAR
@@ -35,7 +35,7 @@ flags.DEFINE_float('cfg', 1.5, 'guidance')
 flags.DEFINE_integer('top_k', 900, 'top-k')
 flags.DEFINE_float('top_p', 0.96, 'top-p')
 flags.DEFINE_string('policy', 'full', 'cache policy: full, or a registered compressor name')
-flags.DEFINE_string('budget', '25%', 'compressor budget (see compress.budget.Budget.parse)')
+flags.DEFINE_string('budget', '25%', 'compressor budget (see compress.Budget.parse)')
 
 
 def random_model(build, seed: int):
@@ -49,10 +49,6 @@ def random_model(build, seed: int):
     std = 0.02 if len(leaf.shape) > 1 else 0.1
     return jnp.asarray(rng.standard_normal(leaf.shape, np.float32) * std)
   return nnx.merge(graph, jax.tree.unflatten(treedef, [draw(l) for l in leaves]))
-
-
-def state_bytes(state: Any) -> int:
-  return int(sum(x.nbytes for x in jax.tree.leaves(state)))
 
 
 def main(argv):
@@ -73,9 +69,9 @@ def main(argv):
   cfg = var.cfg
   policy = None
   if FLAGS.policy != 'full':
-    from compress.base import make
-    from compress.budget import CacheGeometry
-    from compress.policy import CompressorPolicy
+    from compress.core.registry import make
+    from compress.core.budget import CacheGeometry
+    from compress.core.policy import CompressorPolicy
     geometry = CacheGeometry(tuple(cfg.patch_nums), cfg.head_dim)
     policy = CompressorPolicy(make(FLAGS.policy, geometry, FLAGS.budget))
   labels = [i % cfg.num_classes for i in range(FLAGS.batch)]
@@ -99,7 +95,7 @@ def main(argv):
       'first_call_s': round(first, 2), 'compile_s_est': round(first - steady, 2),
       'steady_s_per_batch': round(steady, 3), 'steady_runs': [round(t, 3) for t in times],
       'images_per_s': round(FLAGS.batch / steady, 4), 'tokens_per_s': round(tokens / steady, 1),
-      'kv_cache_bytes_allocated': state_bytes(out.cache),
+      'kv_cache_bytes_allocated': tree_bytes(out.cache),
   }
   if policy is not None:
     figures['kv_cache_bits_counted'] = int(np.asarray(policy.bits(out.cache)).sum())

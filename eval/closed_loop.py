@@ -16,8 +16,9 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from compress.base import Compressor
-from compress.policy import CompressorPolicy
+from compress.core.accounting import tree_bytes
+from compress.core.interface import Compressor
+from compress.core.policy import CompressorPolicy
 from eval.metrics import kl_logits, mean_ci, psnr, ssim
 from var_jax import sampling
 
@@ -27,11 +28,6 @@ COLUMNS = ('method', 'family', 'setting', 'budget', 'budget_bits', 'images', 'to
            'ssim_ci_low', 'ssim_ci_high', 'bits_max', 'cache_bytes_counted', 'cache_bytes_allocated',
            'full_cache_bytes_allocated', 'fp16_cache_bytes', 'seconds')
 KEY = ('method', 'setting', 'budget')
-
-
-def state_bytes(state: Any) -> int:
-  """Bytes of every array of a policy state as allocated."""
-  return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(state)))
 
 
 def generate(model: Any, labels: Sequence[int], seeds: Sequence[int], gen: dict[str, Any],
@@ -45,11 +41,9 @@ def generate(model: Any, labels: Sequence[int], seeds: Sequence[int], gen: dict[
     out = sampling.generate(model.var, model.vae, list(labels), key=jax.random.key(int(seed)),
                             cfg=gen['cfg'], top_k=gen['top_k'], top_p=gen['top_p'], policy=policy,
                             capture_logits=True)
-    b = len(labels)
     for si in range(K):
-      t = np.float32(gen['cfg'] * si / max(K - 1, 1))
-      raw = np.asarray(out.logits[si], np.float32)
-      logits[si].append((1 + t) * raw[:b] - t * raw[b:])
+      t = sampling.guidance_weight(gen['cfg'], si, K)
+      logits[si].append(sampling.guide(np.asarray(out.logits[si], np.float32), t))
       tokens[si].append(np.asarray(out.tokens[si]))
     images.append(np.asarray(out.images, np.float32))
   return {'tokens': [np.concatenate(t) for t in tokens], 'logits': [np.concatenate(x) for x in logits],
@@ -74,7 +68,7 @@ def compare(ref: dict[str, Any], got: dict[str, Any], level: float) -> dict[str,
 def full_reference(model: Any, labels: Sequence[int], seeds: Sequence[int], gen: dict[str, Any]
                    ) -> dict[str, Any]:
   ref = generate(model, labels, seeds, gen)
-  ref['bytes'] = state_bytes(ref['state'])
+  ref['bytes'] = tree_bytes(ref['state'])
   return ref
 
 
@@ -90,7 +84,7 @@ def evaluate_policy(model: Any, comp: Compressor, params: Any, setting: str, bud
   fp16 = comp.geometry.fp16_bits * cfg.depth * 2 * len(labels) * cfg.num_heads // 8
   row = {'method': comp.name, 'family': comp.family, 'setting': setting, 'budget': budget,
          'budget_bits': comp.budget.bits, **compare(ref, got, level), 'bits_max': int(bits.max()),
-         'cache_bytes_counted': float(bits.sum()) / 8, 'cache_bytes_allocated': state_bytes(got['state']),
+         'cache_bytes_counted': float(bits.sum()) / 8, 'cache_bytes_allocated': tree_bytes(got['state']),
          'full_cache_bytes_allocated': ref['bytes'], 'fp16_cache_bytes': fp16,
          'seconds': time.perf_counter() - t0}
   return row, got['images']

@@ -20,10 +20,10 @@ from absl import app, flags
 import jax
 import numpy as np
 
-from compress import base
-from compress.budget import CacheGeometry
-from eval import params as params_lib
+import compress
+from compress.core.budget import CacheGeometry
 from eval import sweep
+from eval import params as params_lib
 
 COLUMNS = ('a', 'b', 'budget', 'bits_a', 'bits_b', 'rel_error_a', 'rel_error_b', 'ratio', 'ratio_ci_low',
            'ratio_ci_high', 'a_better_share', 'num_images')
@@ -44,7 +44,7 @@ def load_run(workdir: str) -> tuple[Any, CacheGeometry, sweep.CacheSet]:
   return config, CacheGeometry(tuple(val.patch_nums), val.head_dim, config.kv_dtype), data
 
 
-def method_params(config, workdir: str, spec: sweep.MethodSpec, comp: base.Compressor,
+def method_params(config, workdir: str, spec: sweep.MethodSpec, comp: compress.Compressor,
                   data: sweep.CacheSet) -> Any:
   """Trained parameters from WORKDIR/train (learned), else init_params (calibrated on the train split)."""
   if comp.learned and not comp.passthrough:

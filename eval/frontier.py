@@ -31,8 +31,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from compress import base
-from compress.budget import Budget, CacheGeometry
+import compress
+from compress.core.budget import Budget, CacheGeometry
 from eval import closed_loop, hard, pareto, plots, rank_bound, sweep, tb
 from eval.params import Params
 from eval.results import ResultTable, write_table
@@ -59,8 +59,8 @@ def specs_of(names: Sequence[str], learned: bool) -> list[MethodSpec]:
   """Parsed method specs; 'all' stands for every registered compressor of that kind (learned or not)."""
   names = list(names)
   if ALL in names:
-    names = [n for n in names if n != ALL] + [n for n in base.available()
-                                              if base.REGISTRY[n].learned == learned and n not in names]
+    names = [n for n in names if n != ALL] + [n for n in compress.available()
+                                              if compress.REGISTRY[n].learned == learned and n not in names]
   specs = sweep.parse_methods(names)
   wrong = [str(s) for s in specs if s.cls.learned != learned]
   if wrong:
@@ -284,11 +284,11 @@ def run_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the frontier of `config` in `workdir`; returns {'failed', 'seconds'}."""
-  from train import common  # pylint: disable=g-import-not-at-top
+  from train import workdir_guard  # pylint: disable=g-import-not-at-top
   if config.mode not in ('model', 'hard'):
     raise ValueError(f'config.mode must be "model" or "hard", got {config.mode!r}')
   paths = Paths(workdir)
-  prepare = lambda model_json: common.prepare_workdir(workdir, run_config(config), model_json)
+  prepare = lambda model_json: workdir_guard.prepare_workdir(workdir, run_config(config), model_json)
   with sweep.fast_compile(config.fast_compile):
     return (run_hard if config.mode == 'hard' else run_model)(config, paths, prepare)
 

@@ -1,5 +1,5 @@
 """The hard-instance frontier: every compressor on the flat and the VAR-schedule hard instance
-(`compress.hard_instance`) against the rate-distortion lower bound.
+(`compress.theory.hard_instance`) against the rate-distortion lower bound.
 
 Per (instance, method, setting, budget) the compressor runs on `seeds` independent draws (calibrated
 ones on an independent draw each); the row holds the means over seeds (error with a t-interval),
@@ -16,10 +16,11 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from compress import bounds, evaluate
-from compress.hard_instance import HardInstance, make_instance, redraw
+import compress
+from compress.theory import bounds
+from compress.theory.hard_instance import HardInstance, make_instance, redraw
 from eval.metrics import mean_ci
-from eval.sweep import FULL_BUDGET, MethodSpec, bits_columns
+from eval.sweep import bits_columns, FULL_BUDGET, MethodSpec
 
 COLUMNS = ('instance', 'patch_nums', 'T', 'probes', 'd', 'beta', 'mu', 'leak', 'cond', 'values', 'seeds',
            'seeds_below_bound')
@@ -53,7 +54,7 @@ def evaluate_spec(kind: str, draws: Sequence[tuple[HardInstance, HardInstance]],
   for inst, calib in draws:
     params = comp.init_params(jax.random.key(inst.seed), 1, 1,
                               calibration=calib.calibration() if comp.needs_calibration else None)
-    res = evaluate.run_teacher_forced(comp, params, inst.q, inst.k, inst.v)
+    res = compress.run_teacher_forced(comp, params, inst.q, inst.k, inst.v)
     b = int(np.asarray(res['peak_bits']).max())
     e = inst.rel_error(res['out'])
     if not np.isfinite(e):

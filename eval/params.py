@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from compress.base import Compressor
+from compress.core.interface import Compressor
 from eval.sweep import MethodSpec
 
 

@@ -4,7 +4,7 @@ At scale s a compressed cache's outputs are combinations of the vectors it store
 S exact values. Let P_s project onto the orthogonal complement of the row space of the own values
 V_s (S x D). Then (Z - A) P_s = Z P_s - A P_s with rank(Z P_s) <= m when the cache holds m value
 vectors, and P_s is a contraction, so |Z - A|_F >= |A P_s - best rank-m|_F: the tail of the singular
-values of A P_s beyond m (`compress.bounds.rank_error`). Summed over layers, sequences, heads and
+values of A P_s beyond m (`compress.theory.bounds.rank_error`). Summed over layers, sequences, heads and
 scales and divided by sum |A|^2 it bounds the aggregate relative error the sweep reports.
 
 m at a budget of b bits: 'values' counts fp16 value vectors only (keys free, as the rate-distortion
@@ -19,8 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
-from compress import bounds
-from compress.budget import CacheGeometry
+from compress.core.budget import CacheGeometry
+from compress.theory import bounds
 from eval.sweep import CacheSet
 
 SETTINGS = {'values': 1, 'kv_entries': 2}     # vectors per entry: m = bits // (k * D * kv_bits)

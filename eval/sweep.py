@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compress import base, evaluate
-from compress.budget import CacheGeometry
+import compress
+from compress.core.budget import CacheGeometry
 from eval.metrics import ratio_ci
 
 # Columns of frontier.csv. bits: max over (layer, sequence, head) of the peak bits one head's cache
@@ -66,8 +66,8 @@ class MethodSpec:
       raise ValueError(f'cannot read method spec {spec!r}: use "name" or "name(key=value,...)", '
                        'e.g. "kivi(bit_width=2)"')
     name, args = m.group(1), (m.group(2) or '').strip()
-    if name not in base.available():
-      raise ValueError(f'unknown compressor {name!r} in {spec!r}; registered: {", ".join(base.available())}')
+    if name not in compress.available():
+      raise ValueError(f'unknown compressor {name!r} in {spec!r}; registered: {", ".join(compress.available())}')
     settings = {}
     for part in filter(None, (p.strip() for p in args.split(','))):
       key, eq, value = part.partition('=')
@@ -86,8 +86,8 @@ class MethodSpec:
     return spec_obj
 
   @property
-  def cls(self) -> type[base.Compressor]:
-    return base.REGISTRY[self.name]
+  def cls(self) -> type[compress.Compressor]:
+    return compress.REGISTRY[self.name]
 
   @property
   def setting(self) -> str:
@@ -96,8 +96,8 @@ class MethodSpec:
   def __str__(self) -> str:
     return self.name if not self.settings else f'{self.name}({self.setting})'
 
-  def make(self, geometry: CacheGeometry, budget: Any) -> base.Compressor:
-    return base.make(self.name, geometry, budget, **dict(self.settings))
+  def make(self, geometry: CacheGeometry, budget: Any) -> compress.Compressor:
+    return compress.make(self.name, geometry, budget, **dict(self.settings))
 
 
 def parse_methods(specs: Sequence[str]) -> list[MethodSpec]:
@@ -137,7 +137,7 @@ class CacheSet:
 
   def exact(self, a: int, b: int) -> jax.Array:
     if (a, b) not in self._exact:
-      self._exact[(a, b)] = evaluate.exact_outputs(*self.slice(a, b), self.patch_nums)
+      self._exact[(a, b)] = compress.exact_outputs(*self.slice(a, b), self.patch_nums)
     return self._exact[(a, b)]
 
 
@@ -168,11 +168,11 @@ def squared_errors(out_NBHLD: jax.Array, exact_NBHLD: jax.Array, patch_nums: Seq
   return per_scale(d2_NBL), per_scale(e2_NBL)
 
 
-def run_point(comp: base.Compressor, params: Any, data: CacheSet, batch: int) -> dict[str, np.ndarray]:
+def run_point(comp: compress.Compressor, params: Any, data: CacheSet, batch: int) -> dict[str, np.ndarray]:
   """Runs `comp` teacher forced over every held-out sequence: d2, e2 (n, N, K), peak_bits (N, n, H)."""
   d2, e2, bits = [], [], []
   for a, b in data.batches(batch):
-    res = evaluate.run_teacher_forced(comp, params, *data.slice(a, b))
+    res = compress.run_teacher_forced(comp, params, *data.slice(a, b))
     x, y = squared_errors(res['out'], data.exact(a, b), data.patch_nums)
     d2.append(x)
     e2.append(y)
@@ -198,7 +198,7 @@ def bits_columns(bits: float, geometry: CacheGeometry) -> dict[str, float]:
 
 
 def evaluate_spec(spec: MethodSpec, budget: Any, data: CacheSet, geometry: CacheGeometry,
-                  params_fn: Callable[[MethodSpec, base.Compressor], Any], *, batch: int, level: float,
+                  params_fn: Callable[[MethodSpec, compress.Compressor], Any], *, batch: int, level: float,
                   dataset: str = 'val') -> dict[str, Any]:
   """One frontier.csv row: `spec` at `budget` (FULL_BUDGET: the full cache) over `data`."""
   t0 = time.perf_counter()

@@ -4,7 +4,7 @@ import functools
 import jax
 import numpy as np
 
-from compress import evaluate
+import compress
 
 
 def random_qkv(seed: int, L: int, D: int, B: int = 1, H: int = 2, scale: float = 2.0):
@@ -34,8 +34,8 @@ def run_steps(comp, q, k, v, jit: bool = True):
 
 @functools.partial(jax.jit, static_argnums=0)
 def teacher_forced(comp, params, q_NBHLD, k_NBHLD, v_NBHLD):
-  """compress.evaluate.run_teacher_forced as one compiled program (tests compile per compressor)."""
-  return evaluate.run_teacher_forced(comp, params, q_NBHLD, k_NBHLD, v_NBHLD)
+  """compress.compress.run_teacher_forced as one compiled program (tests compile per compressor)."""
+  return compress.run_teacher_forced(comp, params, q_NBHLD, k_NBHLD, v_NBHLD)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -5,11 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from compress import allocation, base
-from compress.budget import Budget, CacheGeometry
-from compress.evaluate import run_teacher_forced
-from compress.scalekv import LayerwiseCompressor, build_layerwise, build_scalekv, run_layerwise
-from compress.synthetic import var_like_qkv
+import compress
+from compress.core.budget import Budget, CacheGeometry
+from compress.core.synthetic import var_like_qkv
+from compress.core.teacher_forced import run_teacher_forced
+from compress.eviction import allocation
+from compress.eviction.scalekv import build_layerwise, build_scalekv, LayerwiseCompressor, run_layerwise
 
 
 def waterfill(total, w, cap):
@@ -125,11 +126,11 @@ def test_scalekv_layerwise_total_bits_and_uniform_equivalence():
   assert np.all(res['total_bits'] <= N * H * budget.bits)
   assert np.all(np.asarray(res['peak_bits']) <= lw.layer_bits()[:, None, None])
   # equal weights and a budget of whole entries: the same as the vmapped single compressor
-  one = base.make('scalekv', g, Budget(16 + 3 * 256))
+  one = compress.make('scalekv', g, Budget(16 + 3 * 256))
   lw_u = build_layerwise('scalekv', g, one.budget, np.ones(N))
   assert all(m == one for m in lw_u.members)
   a, b = run_layerwise(lw_u, None, q, k, v), run_teacher_forced(one, None, q, k, v)
   np.testing.assert_allclose(a['out'], b['out'], rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(a['bits'], b['bits'])
   with pytest.raises(ValueError, match='allocate'):
-    LayerwiseCompressor(g, budget, (base.make('scalekv', g, budget.bits + 1000),) * 2)
+    LayerwiseCompressor(g, budget, (compress.make('scalekv', g, budget.bits + 1000),) * 2)

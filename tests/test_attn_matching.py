@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from compress.attn_matching import match_block, nnls_projected_gradient
-from compress.base import make
-from compress.budget import CacheGeometry
-from compress.synthetic import var_like_qkv
+from compress.core.budget import CacheGeometry
+from compress.core.registry import make
+from compress.core.synthetic import var_like_qkv
+from compress.matching.attn_matching import match_block, nnls_projected_gradient
 from compress_helpers import run_steps
 
 PN = (1, 2, 3, 4)
@@ -166,7 +166,7 @@ def test_bad_settings_are_named():
 
 def test_oracle_fits_on_future_queries():
   """The oracle variant needs the later scales' queries; with them it respects the budget too."""
-  from compress.evaluate import run_teacher_forced
+  from compress.core.teacher_forced import run_teacher_forced
   g = CacheGeometry(PN, head_dim=8)
   comp = make('attn_matching_oracle', g, 0.3)
   assert comp.oracle

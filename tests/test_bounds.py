@@ -4,7 +4,8 @@ import itertools
 import numpy as np
 import pytest
 
-from compress import base, bounds, hard_instance
+import compress
+from compress.theory import bounds, hard_instance, hard_sweep
 
 
 # ---- rate-distortion ----------------------------------------------------------------------------
@@ -80,10 +81,10 @@ def small_hard():
 @pytest.mark.parametrize('budget', [0.1, 0.35])
 def test_no_compressor_beats_the_rd_curve(small_hard, budget):
   inst, calib = small_hard
-  names = base.available(learned=False)
+  names = compress.available(learned=False)
   assert 'full' in names
   for name in names:
-    row = hard_instance.evaluate_method(inst, name, budget, calib)
+    row = hard_sweep.evaluate_method(inst, name, budget, calib)
     assert 0 < row['rel_error'] < np.inf, row
     assert row['bits'] >= row['lower_bound_bits'], (
         f'{name} below the rate-distortion bound: {row["bits"]} bits at error {row["rel_error"]:.4g} '

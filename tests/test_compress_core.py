@@ -4,9 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from compress import base, evaluate, synthetic
-from compress.attention import attend, block_causal_attention
-from compress.budget import Budget, CacheGeometry
+import compress
+from compress.core import synthetic
+from compress.core.attention import attend, block_causal_attention
+from compress.core.budget import Budget, CacheGeometry
 
 G256 = CacheGeometry((1, 2, 3, 4, 5, 6, 8, 10, 13, 16), head_dim=64)
 
@@ -40,9 +41,9 @@ def test_bad_geometry_and_unknown_compressor():
   with pytest.raises(ValueError, match='patch_nums'):
     CacheGeometry((4,))
   with pytest.raises(KeyError, match='registered'):
-    base.make('no-such-method', G256, 0.5)
+    compress.make('no-such-method', G256, 0.5)
   with pytest.raises(TypeError, match='settings'):
-    base.make('full', G256, 0.5, nonsense=3)
+    compress.make('full', G256, 0.5, nonsense=3)
 
 
 def test_attend_equals_brute_force_softmax():
@@ -68,9 +69,9 @@ def test_attend_equals_brute_force_softmax():
 def test_full_reference_is_exact_and_counts_every_bit():
   g = CacheGeometry((1, 2, 3, 4), head_dim=16, kv_dtype='float32')
   q, k, v = synthetic.var_like_qkv(jax.random.key(0), g.patch_nums, head_dim=16)
-  exact = evaluate.exact_outputs(q, k, v, g.patch_nums)
-  res = evaluate.run_teacher_forced(base.make('full', g, 1.0), None, q, k, v)
-  assert evaluate.errors(res['out'], exact, g.patch_nums)['overall'] < 1e-6
+  exact = compress.exact_outputs(q, k, v, g.patch_nums)
+  res = compress.run_teacher_forced(compress.make('full', g, 1.0), None, q, k, v)
+  assert compress.errors(res['out'], exact, g.patch_nums)['overall'] < 1e-6
   # after scale s the cache holds every token of scales <= s (none after the last), 2*16*32 bits each
   held = np.asarray(res['bits'][0, 0, 0])
   np.testing.assert_array_equal(held, [1 * 1024, 5 * 1024, 14 * 1024, 14 * 1024])
@@ -80,13 +81,13 @@ def test_full_reference_is_exact_and_counts_every_bit():
 def test_fp16_full_cache_equals_attention_over_rounded_cache():
   g = CacheGeometry((1, 2, 3, 4), head_dim=16)
   q, k, v = synthetic.var_like_qkv(jax.random.key(1), g.patch_nums, head_dim=16)
-  res = evaluate.run_teacher_forced(base.make('full', g, 1.0), None, q, k, v)
+  res = compress.run_teacher_forced(compress.make('full', g, 1.0), None, q, k, v)
   # the last scale attends to an fp16 prefix cache plus its own fp32 tokens
   r16 = lambda x: x.at[..., :g.prefix_tokens, :].set(x[..., :g.prefix_tokens, :].astype(jnp.float16).astype(jnp.float32))
-  ref = evaluate.exact_outputs(q, r16(k), r16(v), g.patch_nums)
+  ref = compress.exact_outputs(q, r16(k), r16(v), g.patch_nums)
   last = slice(g.prefix_tokens, None)
   np.testing.assert_allclose(res['out'][..., last, :], ref[..., last, :], rtol=1e-5, atol=1e-6)
-  assert not np.allclose(res['out'][..., last, :], evaluate.exact_outputs(q, k, v, g.patch_nums)[..., last, :],
+  assert not np.allclose(res['out'][..., last, :], compress.exact_outputs(q, k, v, g.patch_nums)[..., last, :],
                          rtol=1e-7, atol=1e-8)  # fp16 storage is visible, so the check has teeth
 
 
@@ -105,7 +106,7 @@ def test_block_causal_attention_matches_loop():
 
 def test_wrong_scale_shape_is_a_clear_error():
   g = CacheGeometry((1, 2, 3), head_dim=8)
-  c = base.make('full', g, 1.0)
+  c = compress.make('full', g, 1.0)
   s = c.init_state(1, 1)
   x = jnp.zeros((1, 1, 3, 8))
   with pytest.raises(ValueError, match='scale 1 has 4 tokens'):

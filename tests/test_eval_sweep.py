@@ -3,9 +3,9 @@ import jax
 import numpy as np
 import pytest
 
-from compress import evaluate
-from compress.budget import CacheGeometry
-from compress.synthetic import var_like_qkv
+import compress
+from compress.core.budget import CacheGeometry
+from compress.core.synthetic import var_like_qkv
 from eval import rank_bound, sweep
 
 PN = (1, 2, 3, 4)
@@ -49,8 +49,8 @@ def test_errors_per_sequence_sum_to_the_library_aggregate(data):
   res = sweep.run_point(comp, None, data, batch=3)                 # two batches of 3 sequences
   assert res['d2'].shape == (6, 2, 4) and res['peak_bits'].shape == (2, 6, 2)
   q, k, v = data.slice(0, 6)
-  whole = evaluate.run_teacher_forced(comp, None, q, k, v)
-  ref = evaluate.errors(whole['out'], evaluate.exact_outputs(q, k, v, PN), PN)
+  whole = compress.run_teacher_forced(comp, None, q, k, v)
+  ref = compress.errors(whole['out'], compress.exact_outputs(q, k, v, PN), PN)
   got = sweep.summarize(res['d2'], res['e2'], data.units, 0.95)
   assert got['rel_error'] == pytest.approx(ref['overall'], rel=1e-5)
   np.testing.assert_allclose(got['rel_error_per_layer'], ref['per_layer'], rtol=1e-5)
@@ -84,7 +84,7 @@ def test_rank_bound_matches_brute_force_and_bounds_entry_caches(data):
   g = CacheGeometry(PN, D)
   bound = rank_bound.RankBound(data, batch=3)
   # brute force: per (layer, sequence, head, scale) project out the own values, SVD, tail beyond m
-  exact = np.asarray(evaluate.exact_outputs(*data.slice(0, 6), PN), np.float64)
+  exact = np.asarray(compress.exact_outputs(*data.slice(0, 6), PN), np.float64)
   def brute(m):
     tail = 0.0
     for st, S in zip(g.scale_starts, g.scale_sizes):

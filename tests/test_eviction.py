@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from compress import base
-from compress.attention import block_causal_attention
-from compress.base import StepContext
-from compress.budget import Budget, CacheGeometry
+import compress
+from compress.core.attention import block_causal_attention
+from compress.core.budget import Budget, CacheGeometry
+from compress.core.interface import StepContext
 
 EVICTION = ['random', 'window', 'streaming', 'knorm', 'h2o', 'tova', 'snapkv', 'scalekv', 'oracle']
 PN = (1, 2, 3, 4)
@@ -102,7 +102,7 @@ def test_budget_capacity_finite_and_exact_at_full(name):
   q, k, v = qkv(0)
   cases = [(G16, Budget(0)), (G16, Budget(100)), (G16, budget_for(7, G16)), (G32, budget_for(7))]
   for g, budget in cases:
-    comp = base.make(name, g, budget)
+    comp = compress.make(name, g, budget)
     assert comp.family == 'eviction' and comp.respects_budget
     out, states = run_steps(comp, q, k, v)
     assert np.all(np.isfinite(out))
@@ -112,7 +112,7 @@ def test_budget_capacity_finite_and_exact_at_full(name):
       assert st.capacity <= max(0, budget.bits // (2 * 8 * g.kv_bits))
     m = comp.capacity   # the most entries that fit (whole peak cache at most), nothing wasted
     assert m == g.prefix_tokens or (m + 1) * comp.layout().entry_bits() + 16 > budget.bits
-  full = base.make(name, G32, Budget(G32.full_bits))
+  full = compress.make(name, G32, Budget(G32.full_bits))
   out, _ = run_steps(full, q, k, v)
   exact = block_causal_attention(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), PN)
   np.testing.assert_allclose(out, exact, rtol=1e-5, atol=1e-5)
@@ -121,7 +121,7 @@ def test_budget_capacity_finite_and_exact_at_full(name):
 @pytest.mark.parametrize('name', ['h2o', 'oracle'])
 def test_jit_equals_eager(name):
   q, k, v = qkv(1)
-  comp = base.make(name, G32, budget_for(7))
+  comp = compress.make(name, G32, budget_for(7))
   _, states = run_steps(comp, q, k, v)
   st, S = G32.scale_starts[2], G32.scale_sizes[2]
   sl = lambda x: jnp.asarray(x[:, :, st:st + S], jnp.float32)
@@ -138,7 +138,7 @@ def test_jit_equals_eager(name):
 @pytest.mark.parametrize('M', [3, 7])
 def test_window_keeps_last_positions(M):
   q, k, v = qkv(2)
-  comp = base.make('window', G32, budget_for(M))
+  comp = compress.make('window', G32, budget_for(M))
   assert comp.capacity == M
   states = check_against(comp, lambda s, p, c, m: c.astype(float), q, k, v)
   ends = np.cumsum(G32.scale_sizes)
@@ -150,7 +150,7 @@ def test_window_keeps_last_positions(M):
 @pytest.mark.parametrize('sinks,M', [(1, 7), (4, 7), (5, 3)])
 def test_streaming_keeps_sinks_and_recent(sinks, M):
   q, k, v = qkv(3)
-  comp = base.make('streaming', G32, budget_for(M), sinks=sinks)
+  comp = compress.make('streaming', G32, budget_for(M), sinks=sinks)
   states = check_against(comp, lambda s, p, c, m: np.where(c < sinks, 1e6 - c, c), q, k, v)
   for s, st in enumerate(states[:-1]):
     n = int(np.cumsum(G32.scale_sizes)[s])
@@ -161,7 +161,7 @@ def test_streaming_keeps_sinks_and_recent(sinks, M):
 
 def test_knorm_keeps_low_norms_and_breaks_ties_by_recency():
   q, k, v = qkv(4)
-  comp = base.make('knorm', G32, budget_for(7), norm_tol=1e-6)
+  comp = compress.make('knorm', G32, budget_for(7), norm_tol=1e-6)
   norms = np.linalg.norm(k, axis=-1)
   _, states = run_steps(comp, q, k, v)   # static scores: the lowest-norm 7 of all tokens seen so far
   for s, st in enumerate(states[:-1]):
@@ -170,8 +170,8 @@ def test_knorm_keeps_low_norms_and_breaks_ties_by_recency():
     for b, h in np.ndindex(got.shape):
       assert got[b, h] == sorted(np.argsort(norms[b, h, :n], kind='stable')[:7].tolist())
   qu, ku, vu = qkv(5, unit_keys=True)       # attn_l2_norm: every norm ties -> the sliding window
-  kn = base.make('knorm', G32, budget_for(7))
-  wn = base.make('window', G32, budget_for(7))
+  kn = compress.make('knorm', G32, budget_for(7))
+  wn = compress.make('window', G32, budget_for(7))
   for a, b in zip(run_steps(kn, qu, ku, vu)[1], run_steps(wn, qu, ku, vu)[1]):
     assert (kept_positions(a, ku) == kept_positions(b, ku)).all()
 
@@ -193,7 +193,7 @@ def h2o_reference(recent=0, store=np.float16):
 @pytest.mark.parametrize('M', [3, 7])
 def test_h2o_accumulated_scores_and_selection(M):
   q, k, v = qkv(6)
-  comp = base.make('h2o', G32, budget_for(M))       # float16 stored scores (the default)
+  comp = compress.make('h2o', G32, budget_for(M))       # float16 stored scores (the default)
   assert comp.capacity == M
   states = check_against(comp, h2o_reference(), q, k, v)
   # stored scores equal brute-force sums of probabilities over every query that saw the token
@@ -210,14 +210,14 @@ def test_h2o_accumulated_scores_and_selection(M):
 
 def test_h2o_recent_share():
   q, k, v = qkv(7)
-  comp = base.make('h2o', G32, budget_for(7), recent_share=0.5, score_dtype='float32')
+  comp = compress.make('h2o', G32, budget_for(7), recent_share=0.5, score_dtype='float32')
   assert comp.capacity == 7
   check_against(comp, h2o_reference(recent=3, store=np.float32), q, k, v)
 
 
 def test_tova_last_query_head_average():
   q, k, v = qkv(8)
-  comp = base.make('tova', G32, budget_for(7))
+  comp = compress.make('tova', G32, budget_for(7))
   states = check_against(comp, lambda s, p, c, m: np.broadcast_to(p[:, -1].mean(0), c.shape), q, k, v)
   for st in states:   # one decision per layer: every head keeps the same tokens
     got = kept_positions(st, k)
@@ -240,17 +240,17 @@ def snap_reference(kernel, pool):
 @pytest.mark.parametrize('kernel,pool', [(1, 'avg'), (3, 'avg'), (3, 'max'), (4, 'max')])
 def test_snapkv_pooled_scores(kernel, pool):
   q, k, v = qkv(9)
-  comp = base.make('snapkv', G32, budget_for(7), kernel=kernel, pool=pool)
+  comp = compress.make('snapkv', G32, budget_for(7), kernel=kernel, pool=pool)
   assert comp.capacity == 7
   check_against(comp, snap_reference(kernel, pool), q, k, v)
 
 
 def test_scalekv_patch_observation_queries():
-  from compress.scalekv import observation_queries
+  from compress.eviction.scalekv import observation_queries
   assert observation_queries(4, 2).tolist() == [5, 7, 13, 15]      # centres of the 2x2 patches
   assert observation_queries(3, 4).tolist() == list(range(9))       # small maps: every query
   q, k, v = qkv(10)
-  comp = base.make('scalekv', G32, budget_for(7), obs_side=2)
+  comp = compress.make('scalekv', G32, budget_for(7), obs_side=2)
   obs = {0: [0], 1: [0, 1, 2, 3], 2: [0, 2, 6, 8]}   # pn=3: centre rows/cols floor((.5, 1.5) * 1.5)
   check_against(comp, lambda s, p, c, m: p[:, obs[s]].sum(1), q, k, v)
 
@@ -265,7 +265,7 @@ def oracle_reference(q_HLD, k_HLD):
 
 def test_oracle_future_attention_and_missing_future():
   q, k, v = qkv(11)
-  comp = base.make('oracle', G32, budget_for(7))
+  comp = compress.make('oracle', G32, budget_for(7))
   out, states = run_steps(comp, q, k, v)
   for b in range(q.shape[0]):
     _, hist = simulate(q[b], k[b], v[b], PN, 7, oracle_reference(q[b], k[b]))
@@ -281,13 +281,13 @@ def test_oracle_keeps_most_future_mass():
   the same state for every policy) the oracle's kept set holds at least as much future attention mass
   as any other policy's (top-k of an additive score). Lower output error is NOT guaranteed (it is a
   greedy mass criterion): on var_like_qkv another policy can beat it."""
-  from compress.oracle import future_mass
+  from compress.eviction.oracle import future_mass
   q, k, v = qkv(12)
   cand_mass = np.asarray(future_mass(*(jnp.asarray(x, jnp.float32) for x in (
       q[:, :, 5:], k[:, :, :5])), jnp.ones(q.shape[:2] + (5,), bool)))
   retained = {}
   for name in EVICTION:
-    comp = base.make(name, G32, budget_for(3))
+    comp = compress.make(name, G32, budget_for(3))
     _, states = run_steps(comp, q, k, v)
     pos = kept_positions(states[1], k)
     assert all(len(x) == 3 for x in pos.ravel())
@@ -300,9 +300,9 @@ def test_oracle_keeps_most_future_mass():
 def test_random_is_deterministic_and_seeded():
   q, k, v = qkv(13)
   budget = budget_for(7)
-  a = run_steps(base.make('random', G32, budget, seed=0), q, k, v)[1]
-  b = run_steps(base.make('random', G32, budget, seed=0), q, k, v)[1]
-  c = run_steps(base.make('random', G32, budget, seed=1), q, k, v)[1]
+  a = run_steps(compress.make('random', G32, budget, seed=0), q, k, v)[1]
+  b = run_steps(compress.make('random', G32, budget, seed=0), q, k, v)[1]
+  c = run_steps(compress.make('random', G32, budget, seed=1), q, k, v)[1]
   pa, pb, pc = (kept_positions(x[2], k) for x in (a, b, c))
   assert (pa == pb).all() and not (pa == pc).all()
   assert all(len(x) == 7 for x in pa.ravel())

@@ -15,8 +15,8 @@ import urllib.request
 import numpy as np
 import pytest
 
+from compress.core.budget import Budget, CacheGeometry
 from configs import frontier as frontier_config
-from compress.budget import Budget, CacheGeometry
 from eval import closed_loop, compare, frontier, hard, sweep, tb
 
 FIX = pathlib.Path(__file__).parent / 'data' / 'var_official_tiny'

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from compress import evaluate, hard_instance
-from compress.hard_instance import flat_patch_nums, make_instance
+import compress
+from compress.theory import hard_instance, hard_sweep
+from compress.theory.hard_instance import flat_patch_nums, make_instance
 
 REPO = os.path.join(os.path.dirname(__file__), os.pardir)
 
@@ -50,7 +51,7 @@ def test_construction(kw):
 def test_attention_matches_exact_model_attention(kw):
   inst = make_instance(**kw, seed=2)
   g = inst.geometry
-  exact = evaluate.exact_outputs(inst.q, inst.k, inst.v, g.patch_nums)
+  exact = compress.exact_outputs(inst.q, inst.k, inst.v, g.patch_nums)
   np.testing.assert_allclose(inst.probe_outputs(exact), inst.exact_PD, rtol=1e-4, atol=1e-5)
   # leak: the mass off each probe's target, from the attention matrix and independently from logits
   logits = inst.q[0, 0, 0, g.prefix_tokens:] @ inst.k[0, 0, 0].T
@@ -85,7 +86,7 @@ def test_values_and_bound_applicability():
 @pytest.mark.parametrize('kv_dtype,tol', [('float32', 1e-5), ('float16', 2e-3)])
 def test_full_cache_is_exact_up_to_storage(kv_dtype, tol):
   inst = make_instance(n=36, d=16, seed=5, kv_dtype=kv_dtype)
-  row = hard_instance.evaluate_method(inst, 'full', 0.5)
+  row = hard_sweep.evaluate_method(inst, 'full', 0.5)
   assert row['rel_error'] < tol and row['bits'] == inst.geometry.full_bits
   assert row['lower_bound_bits'] < row['bits']
 
@@ -100,7 +101,7 @@ def test_bad_parameters_are_clear_errors(kw, match):
 
 
 def _cli(*args):
-  return subprocess.run([sys.executable, '-m', 'compress.hard_instance', *args], cwd=REPO,
+  return subprocess.run([sys.executable, '-m', 'compress.theory.hard_sweep', *args], cwd=REPO,
                         capture_output=True, text=True, timeout=300)
 
 

@@ -1,4 +1,4 @@
-"""`evict_learned` and compress.relax: heuristic at init, relaxation -> hard path as tau -> 0, honest
+"""`evict_learned` and compress.core.relax: heuristic at init, relaxation -> hard path as tau -> 0, honest
 bits, exact at full budget, and training that beats the eviction heuristics."""
 import functools
 
@@ -8,9 +8,10 @@ import numpy as np
 import optax
 import pytest
 
-from compress import base, evaluate, relax, synthetic
-from compress.attention import rel_error
-from compress.budget import Budget, CacheGeometry
+import compress
+from compress.core import relax, synthetic, topk
+from compress.core.attention import rel_error
+from compress.core.budget import Budget, CacheGeometry
 from compress_helpers import (layer_params as _layer, teacher_forced as _teacher_forced,
                              train_outputs_all as _train_outputs)
 
@@ -54,13 +55,13 @@ def data():
   return tuple(x[:, :8] for x in (q, k, v)), tuple(x[:, 8:] for x in (q, k, v))
 
 
-# ---- compress.relax -----------------------------------------------------------------------------
+# ---- compress.core.relax -----------------------------------------------------------------------------
 def test_soft_topk_threshold_and_limits():
   s = jnp.array([[0.3, -1.0, 2.0, 0.9, 5.0]])
   valid = jnp.array([[True, True, True, True, False]])           # 5.0 is not a candidate
   assert float(relax.topk_threshold(s, valid, 2)[0, 0]) == pytest.approx(0.5 * (0.9 + 0.3))   # 2nd and 3rd largest
   hard = np.array([[False, False, True, True, False]])
-  np.testing.assert_array_equal(relax.hard_topk_mask(s, valid, 2), hard)
+  np.testing.assert_array_equal(topk.topk_mask(s, valid, 2), hard)
   soft = np.exp(relax.soft_topk_log_mask(s, valid, 2, 1e-4))
   np.testing.assert_allclose(soft[valid], hard[valid], atol=1e-6)
   assert np.all(np.exp(relax.soft_topk_log_mask(s, valid, 4, 0.1)) == 1.0)        # all valid kept
@@ -93,10 +94,10 @@ def test_entropic_topk_sums_to_k_and_hardens():
 def test_init_keeps_what_the_heuristic_keeps(data, rule):
   _, (q, k, v) = data
   q, k, v = (x[0, :2] for x in (q, k, v))
-  comp = base.make('evict_learned', G, Budget(16 + 4 * ENTRY), init_rule=rule, **STORE)
+  comp = compress.make('evict_learned', G, Budget(16 + 4 * ENTRY), init_rule=rule, **STORE)
   assert comp.capacity == 4
-  heur = base.make(rule, G, 0.0)
-  heur = base.make(rule, G, Budget(16 + 4 * heur.layout().entry_bits()))   # the same capacity
+  heur = compress.make(rule, G, 0.0)
+  heur = compress.make(rule, G, Budget(16 + 4 * heur.layout().entry_bits()))   # the same capacity
   assert heur.capacity == 4
   out, states = _run(comp, _layer(comp.init_params(jax.random.key(0), 1, 2)), q, k, v)
   ref, ref_states = _run(heur, None, q, k, v)
@@ -111,7 +112,7 @@ def test_default_stores_what_scalekv_stores_and_keeps_its_choices(data):
   _, (q, k, v) = data
   q, k, v = (x[0, :2] for x in (q, k, v))
   for budget in ('10%', '25%'):
-    comp, heur = base.make('evict_learned', G, budget), base.make('scalekv', G, budget)
+    comp, heur = compress.make('evict_learned', G, budget), compress.make('scalekv', G, budget)
     assert comp.layout().entry_bits() == heur.layout().entry_bits() == 2 * D * 16
     assert comp.capacity == heur.capacity
     _, states = _run(comp, _layer(comp.init_params(jax.random.key(0), 1, 2)), q, k, v)
@@ -120,13 +121,13 @@ def test_default_stores_what_scalekv_stores_and_keeps_its_choices(data):
       assert _kept_keys(s) == _kept_keys(r)
   for rule, flag in (('snapkv', 'store_pos'), ('window', 'store_pos'), ('h2o', 'store_acc')):
     with pytest.raises(ValueError, match=flag):
-      base.make('evict_learned', G, '25%', init_rule=rule)
+      compress.make('evict_learned', G, '25%', init_rule=rule)
 
 
 def test_bits_fill_the_budget(data):
   _, (q, k, v) = data
   budget = Budget.parse('25%', G)
-  comp = base.make('evict_learned', G, budget, **STORE)
+  comp = compress.make('evict_learned', G, budget, **STORE)
   m = comp.capacity
   assert m == (budget.bits - 16) // ENTRY and m >= 1
   _, states = _run(comp, _layer(comp.init_params(jax.random.key(0), 1, 2)), q[0], k[0], v[0])
@@ -140,9 +141,9 @@ def test_bits_fill_the_budget(data):
 def test_full_budget_is_exact_and_needs_no_params(data):
   _, (q, k, v) = data
   g32 = CacheGeometry(PN, head_dim=D, kv_dtype='float32')
-  comp = base.make('evict_learned', g32, Budget(g32.full_bits))
+  comp = compress.make('evict_learned', g32, Budget(g32.full_bits))
   assert comp.init_params(jax.random.key(0), 2, 2) is None
-  exact = evaluate.exact_outputs(q, k, v, PN)
+  exact = compress.exact_outputs(q, k, v, PN)
   np.testing.assert_allclose(_teacher_forced(comp, None, q, k, v)['out'], exact,
                              rtol=1e-5, atol=1e-6)
   soft = jax.vmap(lambda a, b, c: comp.train_outputs(None, a, b, c))(q, k, v)
@@ -153,7 +154,7 @@ def test_full_budget_is_exact_and_needs_no_params(data):
 @pytest.mark.parametrize('budget', ['25%', 16 + 0 * ENTRY])          # capacity 3, and 0
 def test_relaxation_equals_hard_path_as_tau_goes_to_zero(data, budget):
   _, (q, k, v) = data
-  comp = base.make('evict_learned', G, budget, tau=1e-6, **STORE)
+  comp = compress.make('evict_learned', G, budget, tau=1e-6, **STORE)
   params = _perturbed(comp.init_params(jax.random.key(0), 2, 2))          # MLP and k/v terms active
   hard = _teacher_forced(comp, params, q, k, v)['out']
   soft = _train_outputs(comp, params, q, k, v)
@@ -162,8 +163,8 @@ def test_relaxation_equals_hard_path_as_tau_goes_to_zero(data, budget):
 
 def test_relaxation_gradients_are_finite_and_nonzero(data):
   (q, k, v), _ = data
-  comp = base.make('evict_learned', G, '25%', tau=0.1, **STORE)
-  exact = evaluate.exact_outputs(q, k, v, PN)
+  comp = compress.make('evict_learned', G, '25%', tau=0.1, **STORE)
+  exact = compress.exact_outputs(q, k, v, PN)
   loss = lambda p: rel_error(jax.vmap(comp.train_outputs)(p, q, k, v), exact)
   grad = jax.jit(jax.grad(loss))
   for params, nonzero in ((comp.init_params(jax.random.key(0), 2, 2), ('w_lin', 'w2')),
@@ -179,11 +180,11 @@ def test_training_beats_the_heuristics(data):
   error must drop below the init (= scalekv's choices) and below every eviction heuristic at the same
   budget."""
   train, test = (tuple(x[:1] for x in split) for split in data)
-  comp = base.make('evict_learned', G, '25%', tau=0.1)
-  exact_train = evaluate.exact_outputs(*train, PN)
-  exact_test = evaluate.exact_outputs(*test, PN)
+  comp = compress.make('evict_learned', G, '25%', tau=0.1)
+  exact_train = compress.exact_outputs(*train, PN)
+  exact_test = compress.exact_outputs(*test, PN)
   held_out = lambda c, p: float(rel_error(_teacher_forced(c, p, *test)['out'], exact_test))
-  heuristics = {n: held_out(base.make(n, G, '25%'), None)
+  heuristics = {n: held_out(compress.make(n, G, '25%'), None)
                 for n in ('snapkv', 'h2o', 'tova', 'window')}      # init = scalekv's choices
   params = comp.init_params(jax.random.key(0), 1, 2)
   loss = lambda p: rel_error(jax.vmap(comp.train_outputs)(p, *train), exact_train)

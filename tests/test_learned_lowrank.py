@@ -7,9 +7,10 @@ import numpy as np
 import optax
 import pytest
 
-from compress import base, evaluate, synthetic
-from compress.attention import block_causal_attention, rel_error
-from compress.budget import Budget, CacheGeometry
+import compress
+from compress.core import synthetic
+from compress.core.attention import block_causal_attention, rel_error
+from compress.core.budget import Budget, CacheGeometry
 from compress_helpers import (layer_params as _layer, teacher_forced as _teacher_forced,
                              train_outputs_all as _train_outputs)
 
@@ -56,7 +57,7 @@ def _perturbed(params, seed=1, size=0.1):
 def test_init_equals_pca_exactly(data):
   (_, ck, cv), (q, k, v) = data
   calib = {'k': ck, 'v': cv}                               # no 'q': not needed
-  learned, pca = base.make('lowrank_learned', G, '25%'), base.make('pca', G, '25%')
+  learned, pca = compress.make('lowrank_learned', G, '25%'), compress.make('pca', G, '25%')
   assert learned.plan() == pca.plan() == (T, 4, 4)
   p, pp = (c.init_params(jax.random.key(0), 2, 2, calibration=calib) for c in (learned, pca))
   np.testing.assert_array_equal(p['k_enc'], pp['k_basis'].astype(jnp.float32))
@@ -69,7 +70,7 @@ def test_init_equals_pca_exactly(data):
 @pytest.mark.parametrize('perturb', [False, True])
 def test_train_outputs_equal_hard_path(data, perturb):
   (_, ck, cv), (q, k, v) = data
-  comp = base.make('lowrank_learned', G, Budget(T * 16 * 7), key_fraction=0.4)   # ranks 3 (k), 4 (v)
+  comp = compress.make('lowrank_learned', G, Budget(T * 16 * 7), key_fraction=0.4)   # ranks 3 (k), 4 (v)
   assert comp.plan() == (T, 3, 4)
   params = comp.init_params(jax.random.key(0), 2, 2, calibration={'k': ck, 'v': cv})
   params = _perturbed(params) if perturb else params
@@ -81,7 +82,7 @@ def test_train_outputs_equal_hard_path(data, perturb):
 def test_bits_fill_the_budget_and_shared_bits_count_every_parameter(data):
   (_, ck, cv), (q, k, v) = data
   budget = Budget(T * 16 * 7 + 200)                         # 7 dims per token, the rest unusable
-  comp = base.make('lowrank_learned', G, budget)
+  comp = compress.make('lowrank_learned', G, budget)
   _, rk, rv = comp.plan()
   assert rk + rv == 7
   params = comp.init_params(jax.random.key(0), 2, 2, calibration={'k': ck, 'v': cv})
@@ -99,9 +100,9 @@ def test_bits_fill_the_budget_and_shared_bits_count_every_parameter(data):
 def test_full_budget_is_exact_and_needs_no_params(data):
   _, (q, k, v) = data
   g32 = CacheGeometry(PN, head_dim=D, kv_dtype='float32')
-  comp = base.make('lowrank_learned', g32, Budget(g32.full_bits))
+  comp = compress.make('lowrank_learned', g32, Budget(g32.full_bits))
   assert comp.init_params(jax.random.key(0), 2, 2) is None
-  exact = evaluate.exact_outputs(q, k, v, PN)
+  exact = compress.exact_outputs(q, k, v, PN)
   np.testing.assert_allclose(_teacher_forced(comp, None, q, k, v)['out'], exact,
                              rtol=1e-5, atol=1e-6)
   soft = jax.vmap(lambda a, b, c: comp.train_outputs(None, a, b, c))(q, k, v)
@@ -110,7 +111,7 @@ def test_full_budget_is_exact_and_needs_no_params(data):
 
 def test_jit_equals_no_jit(data):
   (_, ck, cv), (q, k, v) = data
-  comp = base.make('lowrank_learned', G, '25%')
+  comp = compress.make('lowrank_learned', G, '25%')
   params = _layer(_perturbed(comp.init_params(jax.random.key(0), 2, 2, calibration={'k': ck, 'v': cv})))
   out_jit, _ = _run(comp, params, q[0, :2], k[0, :2], v[0, :2], jit=True)
   out_eager, _ = _run(comp, params, q[0, :2], k[0, :2], v[0, :2], jit=False)
@@ -119,10 +120,10 @@ def test_jit_equals_no_jit(data):
 
 def test_errors_name_the_fix(data):
   _, (q, k, v) = data
-  comp = base.make('lowrank_learned', G, '25%')
+  comp = compress.make('lowrank_learned', G, '25%')
   with pytest.raises(ValueError, match='calibration='):
     comp.init_params(jax.random.key(0), 1, 2)
-  other = base.make('lowrank_learned', G, '40%').init_params(
+  other = compress.make('lowrank_learned', G, '40%').init_params(
       jax.random.key(0), 2, 2, calibration={'k': k, 'v': v})
   with pytest.raises(ValueError, match='rebuild params'):
     comp.train_outputs(_layer(other), q[0], k[0], v[0])
@@ -132,10 +133,10 @@ def test_training_lowers_held_out_hard_error_below_pca(data):
   """40 adam steps on train_outputs' relative error (one layer); the hard path's held-out error must
   drop below the initialisation, which is `pca` exactly (the low-rank heuristic at the same budget)."""
   train, test = (tuple(x[:1] for x in split) for split in data)
-  comp = base.make('lowrank_learned', G, '25%')
+  comp = compress.make('lowrank_learned', G, '25%')
   params = comp.init_params(jax.random.key(0), 1, 2, calibration={'k': train[1], 'v': train[2]})
-  exact_train = evaluate.exact_outputs(*train, PN)
-  exact_test = evaluate.exact_outputs(*test, PN)
+  exact_train = compress.exact_outputs(*train, PN)
+  exact_test = compress.exact_outputs(*test, PN)
   loss = lambda p: rel_error(jax.vmap(comp.train_outputs)(p, *train), exact_train)
   opt = optax.adam(1e-2)
 

@@ -10,9 +10,11 @@ import numpy as np
 import optax
 import pytest
 
-from compress import base, evaluate, learned_merge, synthetic
-from compress.attention import block_causal_attention, rel_error
-from compress.budget import CacheGeometry
+import compress
+from compress.core import synthetic
+from compress.core.attention import block_causal_attention, rel_error
+from compress.core.budget import CacheGeometry
+from compress.merging import learned as learned_merge
 from compress_helpers import layer_params as layer, random_qkv, run_steps
 
 PN = (1, 2, 3, 4)
@@ -41,13 +43,13 @@ def test_init_is_cam(budget_entries):
   D = 16
   g = CacheGeometry(PN, head_dim=D, kv_dtype='float32')
   budget = budget_for(budget_entries, D, 32, 32)
-  comp = base.make('merge_learned', g, budget, logmass_dtype='float32')
-  cam = base.make('cam', g, budget - 16 * budget_entries)   # uint16 sizes: 16 bits less per entry
+  comp = compress.make('merge_learned', g, budget, logmass_dtype='float32')
+  cam = compress.make('cam', g, budget - 16 * budget_entries)   # uint16 sizes: 16 bits less per entry
   assert comp.capacity == cam.capacity == budget_entries
   q, k, v = synthetic.var_like_qkv(jax.random.key(1), PN, layers=2, batch=3, heads=2, head_dim=D)
   params = comp.init_params(None, 2, 2)
-  got = evaluate.run_teacher_forced(comp, params, q, k, v)['out']
-  want = evaluate.run_teacher_forced(cam, None, q, k, v)['out']
+  got = compress.run_teacher_forced(comp, params, q, k, v)['out']
+  want = compress.run_teacher_forced(cam, None, q, k, v)['out']
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -55,11 +57,11 @@ def test_init_is_cam_at_the_default_float16_storage():
   """fp16 keys/values and a float16 log-mass instead of a uint16 size: within fp16 rounding of CaM."""
   D = 16
   g = CacheGeometry(PN, head_dim=D)
-  comp, cam = base.make('merge_learned', g, '25%'), base.make('cam', g, '25%')
+  comp, cam = compress.make('merge_learned', g, '25%'), compress.make('cam', g, '25%')
   assert comp.capacity == cam.capacity and comp.layout().entry_bits() == cam.layout().entry_bits()
   q, k, v = synthetic.var_like_qkv(jax.random.key(2), PN, layers=2, batch=4, heads=2, head_dim=D)
-  got = evaluate.run_teacher_forced(comp, comp.init_params(None, 2, 2), q, k, v)['out']
-  want = evaluate.run_teacher_forced(cam, None, q, k, v)['out']
+  got = compress.run_teacher_forced(comp, comp.init_params(None, 2, 2), q, k, v)['out']
+  want = compress.run_teacher_forced(cam, None, q, k, v)['out']
   assert float(rel_error(got, want)) < 2e-3
 
 
@@ -70,7 +72,7 @@ def test_identical_keys_are_exact_through_the_pyramid(path):
   nothing is dropped (threshold below every similarity) and merge weights follow the mass (pow 1)."""
   D = 8
   g = CacheGeometry(PN, head_dim=D, kv_dtype='float32')
-  comp = base.make('merge_learned', g, budget_for(4, D, 32, 32), logmass_dtype='float32')
+  comp = compress.make('merge_learned', g, budget_for(4, D, 32, 32), logmass_dtype='float32')
   assert comp.capacity == 4
   q, k, v = random_qkv(3, g.num_tokens, D, B=2, H=2)
   k[:] = k[:1, :1, :1]
@@ -78,7 +80,7 @@ def test_identical_keys_are_exact_through_the_pyramid(path):
   params['threshold'] = jnp.full((1, 2), -10.0)
   exact = block_causal_attention(q, k, v, PN)
   if path == 'hard':
-    out = evaluate.run_teacher_forced(comp, params, q[None], k[None], v[None])['out'][0]
+    out = compress.run_teacher_forced(comp, params, q[None], k[None], v[None])['out'][0]
   else:
     out = jax.jit(comp.train_outputs)(layer(params), q, k, v)
   np.testing.assert_allclose(out, exact, rtol=1e-5, atol=1e-5)
@@ -117,11 +119,11 @@ def test_relaxation_at_zero_temperature_is_the_hard_path(kv_dtype):
   """train_outputs with tau, temperature -> 0 equals the evaluated hard path (same roundings)."""
   D = 8
   g = CacheGeometry(PN, head_dim=D, kv_dtype=kv_dtype)
-  comp = base.make('merge_learned', g, budget_for(6, D, g.kv_bits), tau=1e-6, temperature=1e-6)
+  comp = compress.make('merge_learned', g, budget_for(6, D, g.kv_bits), tau=1e-6, temperature=1e-6)
   assert comp.capacity == 6
   q, k, v = synthetic.var_like_qkv(jax.random.key(2), PN, layers=1, batch=2, heads=2, head_dim=D)
   params = perturbed(comp.init_params(None, 1, 2), seed=3, scale=0.2)
-  hard = evaluate.run_teacher_forced(comp, params, q, k, v)['out'][0]
+  hard = compress.run_teacher_forced(comp, params, q, k, v)['out'][0]
   soft = jax.jit(comp.train_outputs)(layer(params), q[0], k[0], v[0])
   np.testing.assert_allclose(soft, hard, rtol=1e-5, atol=1e-5)
   warm = dataclasses.replace(comp, tau=1.0, temperature=1.0)    # and a warm relaxation differs from it
@@ -131,7 +133,7 @@ def test_relaxation_at_zero_temperature_is_the_hard_path(kv_dtype):
 def test_relaxation_has_finite_gradients_for_every_parameter():
   D = 8
   g = CacheGeometry(PN, head_dim=D)
-  comp = base.make('merge_learned', g, '25%')
+  comp = compress.make('merge_learned', g, '25%')
   q, k, v = synthetic.var_like_qkv(jax.random.key(5), PN, layers=1, batch=2, heads=2, head_dim=D)
   exact = block_causal_attention(q[0], k[0], v[0], PN)
   grads = jax.jit(jax.grad(lambda p: rel_error(comp.train_outputs(p, q[0], k[0], v[0]), exact)))(
@@ -147,10 +149,10 @@ def test_budget_counts_and_finite(budget):
   """Bits = 16 + min(M, tokens so far) entries (2 D fp16 + 16 log-mass), never above the budget."""
   D = 16
   g = CacheGeometry(PN, head_dim=D)
-  comp = base.make('merge_learned', g, budget)
+  comp = compress.make('merge_learned', g, budget)
   q, k, v = random_qkv(5, g.num_tokens, D, B=2, H=3, scale=40.0)
   params = comp.init_params(None, 1, 3)
-  res = evaluate.run_teacher_forced(comp, params, q[None], k[None], v[None])
+  res = compress.run_teacher_forced(comp, params, q[None], k[None], v[None])
   assert np.isfinite(res['out']).all()
   M = comp.capacity
   bits = np.asarray(res['bits'][0])
@@ -162,7 +164,7 @@ def test_budget_counts_and_finite(budget):
 
 def test_full_budget_is_exact_in_both_paths():
   g = CacheGeometry(PN, head_dim=8, kv_dtype='float32')
-  comp = base.make('merge_learned', g, g.full_bits)
+  comp = compress.make('merge_learned', g, g.full_bits)
   assert comp.passthrough and comp.init_params(None, 1, 2) is None
   q, k, v = random_qkv(7, g.num_tokens, 8, H=2)
   exact = block_causal_attention(q, k, v, PN)
@@ -173,7 +175,7 @@ def test_full_budget_is_exact_in_both_paths():
 def test_jit_equals_no_jit_and_params_shapes():
   D = 4
   g = CacheGeometry(PN[:3], head_dim=D)
-  comp = base.make('merge_learned', g, budget_for(4, D, 16))
+  comp = compress.make('merge_learned', g, budget_for(4, D, 16))
   params = comp.init_params(jax.random.key(0), 3, 2)
   assert comp.capacity == 4
   assert {n: a.shape for n, a in params.items()} == {
@@ -194,7 +196,7 @@ def test_jit_equals_no_jit_and_params_shapes():
 
 def test_bad_params_and_settings_say_what_to_do():
   g = CacheGeometry(PN, head_dim=8)
-  comp = base.make('merge_learned', g, '25%')
+  comp = compress.make('merge_learned', g, '25%')
   q, k, v = random_qkv(1, g.num_tokens, 8, H=2)
   with pytest.raises(ValueError, match='init_params'):
     run_steps(comp, q, k, v)                                     # params None
@@ -202,9 +204,9 @@ def test_bad_params_and_settings_say_what_to_do():
   with pytest.raises(ValueError, match='retrain'):
     comp.train_outputs(old, q, k, v)
   with pytest.raises(ValueError, match='tau and temperature'):
-    base.make('merge_learned', g, '25%', temperature=0.0)
+    compress.make('merge_learned', g, '25%', temperature=0.0)
   with pytest.raises(ValueError, match='logmass_dtype'):
-    base.make('merge_learned', g, '25%', logmass_dtype='int8')
+    compress.make('merge_learned', g, '25%', logmass_dtype='int8')
 
 
 # ---- training ---------------------------------------------------------------------------------
@@ -214,13 +216,13 @@ def test_training_beats_cam_on_held_out_sequences():
   g = CacheGeometry(PN, head_dim=16)
   qkv = synthetic.var_like_qkv(jax.random.key(0), PN, layers=2, batch=16, heads=2, head_dim=16)
   train, held = (tuple(x[:, :8] for x in qkv), tuple(x[:, 8:] for x in qkv))   # same model, new seqs
-  exact_train, exact_held = (evaluate.exact_outputs(*d, PN) for d in (train, held))
-  comp = base.make('merge_learned', g, '25%')
+  exact_train, exact_held = (compress.exact_outputs(*d, PN) for d in (train, held))
+  comp = compress.make('merge_learned', g, '25%')
   params = comp.init_params(jax.random.key(0), 2, 2)
 
   def hard_error(name, p):
-    c = base.make(name, g, '25%')
-    return float(rel_error(evaluate.run_teacher_forced(c, p, *held)['out'], exact_held))
+    c = compress.make(name, g, '25%')
+    return float(rel_error(compress.run_teacher_forced(c, p, *held)['out'], exact_held))
 
   def loss(p):
     return rel_error(jax.vmap(comp.train_outputs)(p, *train), exact_train)

@@ -6,10 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from compress import base, lowrank, synthetic
-from compress.attention import block_causal_attention, rel_error
-from compress.budget import Budget, CacheGeometry
-from compress.quant_cache import window_slot_positions
+import compress
+from compress.core import synthetic
+from compress.core.attention import block_causal_attention, rel_error
+from compress.core.budget import Budget, CacheGeometry
+from compress.core.stable_slots import window_slot_positions
+from compress.lowrank import pca
 
 G = CacheGeometry((1, 2, 3, 4), head_dim=8)
 T, D = G.prefix_tokens, G.head_dim
@@ -55,7 +57,7 @@ def _low_rank_qkv(subspace_key, sample_key, r, batch=2, heads=2):
 def test_fit_pca_matches_svd_subspace():
   x = np.asarray(synthetic.var_like_qkv(jax.random.key(0), G.patch_nums, layers=2, batch=3, heads=2,
                                         head_dim=D)[1], np.float64)
-  mean, basis = lowrank.fit_pca(x, 3)
+  mean, basis = pca.fit_pca(x, 3)
   assert mean.shape == (2, 2, D) and basis.shape == (2, 2, D, 3)
   for n in range(2):
     for h in range(2):
@@ -68,7 +70,7 @@ def test_fit_pca_matches_svd_subspace():
 
 
 def test_shared_bits_equal_hand_count():
-  comp = base.make('pca', G, Budget(T * 16 * 7), key_fraction=0.5)    # 7 coefficient dims: 4 key, 3 value
+  comp = compress.make('pca', G, Budget(T * 16 * 7), key_fraction=0.5)    # 7 coefficient dims: 4 key, 3 value
   assert comp.plan() == (T, 4, 3)
   q, k, v = synthetic.var_like_qkv(jax.random.key(1), G.patch_nums, layers=2, batch=2, heads=3, head_dim=D)
   params = comp.init_params(jax.random.key(0), 2, 3, calibration={'k': k, 'v': v})
@@ -78,7 +80,7 @@ def test_shared_bits_equal_hand_count():
 
 
 # ---- exactness -----------------------------------------------------------------------------------------
-class _NoPassthroughPCA(lowrank.PCA):
+class _NoPassthroughPCA(pca.PCA):
   """`pca` at the full budget without the base class's passthrough: rank = head_dim for k and v."""
 
   @property
@@ -112,7 +114,7 @@ def test_rank_r_data_is_exact_at_rank_r(r):
   exact = block_causal_attention(q[0], k[0], v[0], G.patch_nums)
   errs = {}
   for rank in (r, r - 1):
-    comp = base.make('pca', G, Budget(T * 2 * rank * 16))
+    comp = compress.make('pca', G, Budget(T * 2 * rank * 16))
     assert comp.plan() == (T, rank, rank)
     params = comp.init_params(jax.random.key(0), 1, 2, calibration={'k': ck, 'v': cv})
     out, states = _run(comp, _layer0(params), q[0], k[0], v[0])
@@ -126,17 +128,17 @@ def test_rank_r_data_is_exact_at_rank_r(r):
 # ---- pca_evict ---------------------------------------------------------------------------------------
 def test_pca_evict_plan_uses_the_budget():
   budget = Budget(1500)
-  comp = base.make('pca_evict', G, budget, keep_fraction=0.5, evict='h2o')
+  comp = compress.make('pca_evict', G, budget, keep_fraction=0.5, evict='h2o')
   m, rk, rv = comp.plan()
   assert m == T // 2
   per = lambda rank: m * (rank * 16 + 16) + 16                # coefficients + fp16 score, + count
   assert per(rk + rv) <= budget.bits < per(rk + rv + 1)
-  assert base.make('pca_evict', G, Budget(16 + 3 * 16), keep_fraction=0.5).plan()[0] == 3   # rank 1, fewer
-  assert base.make('pca_evict', G, Budget(15), keep_fraction=0.5).plan() == (0, 0, 0)
+  assert compress.make('pca_evict', G, Budget(16 + 3 * 16), keep_fraction=0.5).plan()[0] == 3   # rank 1, fewer
+  assert compress.make('pca_evict', G, Budget(15), keep_fraction=0.5).plan() == (0, 0, 0)
 
 
 def test_pca_evict_window_keeps_recent_tokens_within_budget():
-  comp = base.make('pca_evict', G, Budget(16 + 7 * 2 * D * 16), keep_fraction=0.5, evict='window')
+  comp = compress.make('pca_evict', G, Budget(16 + 7 * 2 * D * 16), keep_fraction=0.5, evict='window')
   m, rk, rv = comp.plan()
   assert (m, rk, rv) == (7, D, D)                          # full rank fits for half: m = 7 tokens
   q, k, v = synthetic.var_like_qkv(jax.random.key(6), G.patch_nums, layers=1, batch=1, heads=2, head_dim=D)
@@ -155,11 +157,11 @@ def test_pca_evict_window_keeps_recent_tokens_within_budget():
 
 
 def test_calibration_errors_name_the_fix():
-  comp = base.make('pca', G, 0.25)
+  comp = compress.make('pca', G, 0.25)
   with pytest.raises(ValueError, match='calibration='):
     comp.init_params(jax.random.key(0), 1, 2)
   with pytest.raises(ValueError, match=r"calibration\['k'\] must be"):
     comp.init_params(jax.random.key(0), 1, 2, calibration={'k': jnp.zeros((1, 2, 3, 14, D)),
                                                           'v': jnp.zeros((1, 2, 2, 14, D))})
   with pytest.raises(ValueError, match='keep_fraction'):
-    base.make('pca_evict', G, 0.25, keep_fraction=0.0)
+    compress.make('pca_evict', G, 0.25, keep_fraction=0.0)

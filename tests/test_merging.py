@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from compress.attention import block_causal_attention
-from compress.base import make
-from compress.budget import CacheGeometry
-from compress.merging import tome_merge
+from compress.core.attention import block_causal_attention
+from compress.core.budget import CacheGeometry
+from compress.core.registry import make
+from compress.merging.tome import tome_merge
 from compress_helpers import run_steps, random_qkv
 
 PN = (1, 2, 3, 4)

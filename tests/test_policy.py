@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
+import compress
+from compress.core.budget import CacheGeometry
+from compress.core.policy import CompressorPolicy
 import var_jax
-from compress import base
-from compress.budget import CacheGeometry
-from compress.policy import CompressorPolicy
 
 FIX = pathlib.Path(__file__).parent / 'data' / 'var_official_tiny'
 
@@ -29,7 +29,7 @@ def test_full_budget_policy_reproduces_full_cache_generation(model):
   labels = [3, 7]
   ref = model.generate(labels, seed=0, cfg=1.5, top_k=1, top_p=0)
   g = geometry(model)              # float32 cache: its full size is twice the fp16 yardstick
-  policy = CompressorPolicy(base.make('snapkv', g, g.full_bits))
+  policy = CompressorPolicy(compress.make('snapkv', g, g.full_bits))
   out = model.generate(labels, seed=0, cfg=1.5, top_k=1, top_p=0, policy=policy)
   for a, b in zip(out.tokens, ref.tokens):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -38,7 +38,7 @@ def test_full_budget_policy_reproduces_full_cache_generation(model):
 
 @pytest.mark.parametrize('name', ['window', 'kivi', 'tome'])
 def test_compressed_generation_holds_the_budget(model, name):
-  comp = base.make(name, geometry(model, 'float16'), '30%')
+  comp = compress.make(name, geometry(model, 'float16'), '30%')
   policy = CompressorPolicy(comp)
   out = model.generate([1, 2], seed=0, cfg=1.5, top_k=1, top_p=0, policy=policy, return_cache=True)
   bits = np.asarray(policy.bits(out.cache))          # (layers, 2B, H)
@@ -52,9 +52,9 @@ def test_compressed_generation_holds_the_budget(model, name):
 def test_oracle_and_uncalibrated_policies_are_refused(model):
   g = geometry(model)
   with pytest.raises(ValueError, match='oracle'):
-    CompressorPolicy(base.make('oracle', g, '30%'))
+    CompressorPolicy(compress.make('oracle', g, '30%'))
   with pytest.raises(ValueError, match='calibrat'):
-    CompressorPolicy(base.make('pca', g, '30%'))
-  bad = CompressorPolicy(base.make('window', CacheGeometry(model.patch_nums, 32), '30%'))
+    CompressorPolicy(compress.make('pca', g, '30%'))
+  bad = CompressorPolicy(compress.make('window', CacheGeometry(model.patch_nums, 32), '30%'))
   with pytest.raises(ValueError, match='head_dim'):
     model.generate([0], seed=0, policy=bad)

@@ -1,11 +1,11 @@
 """Invariants of EVERY registered compressor, over random schedules, head dims, batch/heads and budgets.
 
-For each compressor in `compress.base.available()`:
+For each compressor in `compress.compress.available()`:
 - bits(state) <= budget after every scale (unless the class says respects_budget = False);
 - a budget at or above the full cache reproduces exact attention (float32 geometry: tight tolerance;
   float16: attention over fp16-rounded cached keys/values, each scale's own tokens exact);
 - outputs are finite (budget 0, tiny budgets, large logits included);
-- the jitted run (compress.evaluate.run_teacher_forced) equals an eager op-by-op run (in the explicit
+- the jitted run (compress.compress.run_teacher_forced) equals an eager op-by-op run (in the explicit
   example marked 'eager': eager runs compile every primitive at every new shape, which is slow).
 Calibration-needing compressors are calibrated on an independent synthetic cache.
 Examples are few and derandomized (CI-stable; the first generated one is the minimal case: two 1-token
@@ -20,10 +20,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from compress import base, evaluate, synthetic
-from compress.budget import Budget, CacheGeometry
+import compress
+from compress.core import synthetic
+from compress.core.budget import Budget, CacheGeometry
 
-NAMES = base.available()
+NAMES = compress.available()
 SETTINGS = settings(max_examples=int(os.environ.get('PROPERTY_EXAMPLES', 2)), deadline=None,
                     derandomize=True, database=None, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -74,7 +75,7 @@ def run_op_by_op(comp, params, q, k, v):
   state = comp.init_state(q.shape[0], q.shape[1])
   outs, bits = [], []
   for si, (st_, S) in enumerate(zip(g.scale_starts, g.scale_sizes)):
-    ctx = base.StepContext(future_q=q[:, :, st_ + S:] if comp.oracle else None)
+    ctx = compress.StepContext(future_q=q[:, :, st_ + S:] if comp.oracle else None)
     sl = slice(st_, st_ + S)
     out, state = comp.step(p0, state, q[:, :, sl], k[:, :, sl], v[:, :, sl], si, ctx)
     outs.append(out)
@@ -86,7 +87,7 @@ def var_like(rng: np.random.Generator, patch_nums, batch: int, heads: int, head_
              logit_scale: float) -> tuple[np.ndarray, ...]:
   """(q, k, v) (1, B, H, L, D) float32 with VAR structure (smooth in image position, unit keys).
 
-  numpy, not compress.synthetic: eager jax ops at every new shape compile, which would dominate.
+  numpy, not compress.core.synthetic: eager jax ops at every new shape compile, which would dominate.
   """
   coords = synthetic.token_coords(patch_nums)                                     # (L, 3)
   shp = (1, batch, heads, coords.shape[0], head_dim)
@@ -103,7 +104,7 @@ def check(name: str, case: dict) -> None:
   g = CacheGeometry(case['patch_nums'], case['head_dim'], case['kv_dtype'])
   B, H, D = case['batch'], case['heads'], case['head_dim']
   budget = Budget(budget_bits(case, g))
-  comp = base.make(name, g, budget)
+  comp = compress.make(name, g, budget)
   rng = np.random.default_rng(case['seed'])
   q, k, v = var_like(rng, g.patch_nums, B, H, D, case['logit_scale'])
   calib = None
@@ -112,7 +113,7 @@ def check(name: str, case: dict) -> None:
     calib = {'q': cq, 'k': ck, 'v': cv}
   params = comp.init_params(jax.random.key(case['seed']), 1, H, calibration=calib)
 
-  res = evaluate.run_teacher_forced(comp, params, q, k, v)
+  res = compress.run_teacher_forced(comp, params, q, k, v)
   out, bits = np.asarray(res['out'][0]), np.asarray(res['bits'][0])       # (B, H, L, D), (B, H, K)
   where = f'{name} at {budget.bits} bits (full {g.full_bits}), geometry {g}'
   assert np.all(np.isfinite(out)), f'non-finite outputs: {where}'

@@ -10,10 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from compress import base, evaluate, quant, synthetic
-from compress.attention import rel_error
-from compress.budget import Budget, CacheGeometry
-from compress.quant_cache import window_slot_positions
+import compress
+from compress.core import synthetic
+from compress.core.attention import rel_error
+from compress.core.budget import Budget, CacheGeometry
+from compress.core.stable_slots import window_slot_positions
+from compress.quantization import codes as quant
 
 HYP = settings(max_examples=6, deadline=None, derandomize=True, database=None)
 G4 = CacheGeometry((1, 2, 3, 4), head_dim=8)
@@ -150,9 +152,9 @@ _QKV4 = synthetic.var_like_qkv(jax.random.key(0), G4.patch_nums, layers=1, batch
 
 
 def test_bits_equal_hand_count():
-  comp = base.make('kivi', G4, Budget(_hand_bits(10, 10)), **_KIVI4)
+  comp = compress.make('kivi', G4, Budget(_hand_bits(10, 10)), **_KIVI4)
   assert comp.capacity == 10
-  assert base.make('kivi', G4, Budget(_hand_bits(10, 10) - 1), **_KIVI4).capacity == 9
+  assert compress.make('kivi', G4, Budget(_hand_bits(10, 10) - 1), **_KIVI4).capacity == 9
   state = comp.init_state(2, 2)
   assert state.k.dtype == jnp.uint8 and state.k.shape == (2, 2, 10, 4)        # packed: 8 x 4 bits
   assert state.header['k_scale'].shape == (2, 2, 3, 8) and state.header['k_zero'].dtype == jnp.float16
@@ -165,7 +167,7 @@ def test_bits_equal_hand_count():
 
 
 def test_window_keeps_the_most_recent_tokens_and_values_are_quantised_once():
-  comp = base.make('kivi', G4, Budget(_hand_bits(10, 10)), **_KIVI4)       # shares the compilation above
+  comp = compress.make('kivi', G4, Budget(_hand_bits(10, 10)), **_KIVI4)       # shares the compilation above
   q, k, v = (x[0] for x in _QKV4)
   _, states = _run(comp, q, k, v)
   v_q = np.asarray(_per_token(v, 4, 4)[3])           # per-token codes: every token quantised on its own
@@ -186,13 +188,13 @@ def test_budget_never_exceeded_and_other_layouts_count_right():
   groups x 32 + 2 B value codes + 16 (score) = 144 bits; per head ceil(m/3) x 8 x 32 + 16."""
   hand = lambda m, count: count * 144 + math.ceil(m / 3) * 8 * 32 + 16
   settings_ = dict(bit_width=2, key_layout='token', value_layout='channel', group_size=3, evict='h2o')
-  comp = base.make('kivi', G4, Budget(hand(6, 6) + 100), **settings_)
+  comp = compress.make('kivi', G4, Budget(hand(6, 6) + 100), **settings_)
   assert comp.capacity == 6
   out, states = _run(comp, *(x[0] for x in _QKV4))
   assert np.all(np.isfinite(out))
   for s in states:
     assert int(comp.bits(s).max()) == hand(6, int(s.count.max())) <= comp.budget.bits
-  empty = base.make('kivi', G4, Budget(hand(1, 1) - 1), **settings_)      # nothing fits: zero bits
+  empty = compress.make('kivi', G4, Budget(hand(1, 1) - 1), **settings_)      # nothing fits: zero bits
   assert empty.capacity == 0 and int(empty.bits(empty.init_state(1, 1)).max()) == 0
 
 
@@ -223,7 +225,7 @@ def _np_attention_eviction(q, k, v, g, m, rule):
 @pytest.mark.parametrize('rule', ['h2o', 'snapkv'])
 def test_attention_eviction_matches_brute_force(rule):
   g = CacheGeometry((1, 2, 3, 4), head_dim=8, kv_dtype='float32')
-  comp = base.make('kivi', g, 0.2, bit_width=16, evict=rule)
+  comp = compress.make('kivi', g, 0.2, bit_width=16, evict=rule)
   M = comp.capacity
   assert 0 < M < g.prefix_tokens
   q, k, v = (x[0] for x in _QKV4)
@@ -241,12 +243,12 @@ def test_attention_eviction_matches_brute_force(rule):
 def test_attention_error_falls_with_bits_at_all_tokens():
   g = CacheGeometry((2, 3, 4), head_dim=16)
   q, k, v = synthetic.var_like_qkv(jax.random.key(4), g.patch_nums, layers=1, batch=2, heads=2, head_dim=16)
-  exact = np.asarray(evaluate.exact_outputs(q, k, v, g.patch_nums)[0])
+  exact = np.asarray(compress.exact_outputs(q, k, v, g.patch_nums)[0])
   errs = {}
   for b in (8, 4, 2):
-    probe = base.make('kivi', g, 0, bit_width=b)
+    probe = compress.make('kivi', g, 0, bit_width=b)
     entry, header = probe.layout_bits(b, g.prefix_tokens)
-    comp = base.make('kivi', g, Budget(g.prefix_tokens * entry + header), bit_width=b)
+    comp = compress.make('kivi', g, Budget(g.prefix_tokens * entry + header), bit_width=b)
     assert comp.capacity == g.prefix_tokens                 # every token, at b bits
     errs[b] = float(rel_error(jnp.asarray(_run(comp, q[0], k[0], v[0])[0]), exact))
   assert errs[8] < 1e-2 and errs[8] < errs[4] < errs[2], errs
@@ -255,9 +257,9 @@ def test_attention_error_falls_with_bits_at_all_tokens():
 def test_quant_auto_rules():
   g = CacheGeometry((1, 2, 3, 4, 5, 6), head_dim=16)
   T = g.prefix_tokens
-  probe = base.make('kivi', g, 0)
+  probe = compress.make('kivi', g, 0)
   need = {b: T * probe.layout_bits(b, T)[0] + probe.layout_bits(b, T)[1] for b in (8, 4, 2)}
-  auto = lambda bits, **kw: base.make('quant_auto', g, Budget(bits), **kw)
+  auto = lambda bits, **kw: compress.make('quant_auto', g, Budget(bits), **kw)
   # keep_all: the widest width that keeps every token, else 2 bits
   assert auto(need[8], rule='keep_all').bit_width == 8
   assert auto(need[8] - 1, rule='keep_all').bit_width == 4
@@ -273,17 +275,17 @@ def test_quant_auto_rules():
   assert auto(need[4] - 1).bit_width == 4                    # one token evicted beats 2-bit codes
   assert auto(need[8], evict_weight=0.0).bit_width == 16     # eviction free: widest codes
   g32 = CacheGeometry((1, 2, 3), head_dim=8, kv_dtype='float32')           # fp16 entries are a choice
-  assert base.make('quant_auto', g32, Budget(g32.full_bits // 2 + 16)).bit_width == 16
+  assert compress.make('quant_auto', g32, Budget(g32.full_bits // 2 + 16)).bit_width == 16
 
 
 def test_bad_settings_name_the_fix():
   with pytest.raises(ValueError, match='bit_width must be one of'):
-    base.make('kivi', G4, 0.2, bit_width=3)
+    compress.make('kivi', G4, 0.2, bit_width=3)
   with pytest.raises(ValueError, match='evict must be one of'):
-    base.make('kivi', G4, 0.2, evict='lru')
+    compress.make('kivi', G4, 0.2, evict='lru')
   with pytest.raises(ValueError, match='key_layout/value_layout'):
-    base.make('kivi', G4, 0.2, key_layout='row')
+    compress.make('kivi', G4, 0.2, key_layout='row')
   with pytest.raises(ValueError, match='group_size'):
-    base.make('quant_auto', G4, 0.2, group_size=0)
+    compress.make('quant_auto', G4, 0.2, group_size=0)
   with pytest.raises(ValueError, match='rule must be'):
-    base.make('quant_auto', G4, 0.2, rule='best')
+    compress.make('quant_auto', G4, 0.2, rule='best')

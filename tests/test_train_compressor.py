@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
-from compress.evaluate import errors, exact_outputs, run_teacher_forced
+from compress.core.teacher_forced import errors, exact_outputs, run_teacher_forced
 from configs import compressor as configs
 from train import common
 from train import compressor as tc
@@ -109,7 +109,7 @@ def numpy_block_causal(q, k, v, patch_nums):
 
 def test_loss_is_aggregate_relative_error(run):
   """The step's loss = sqrt(sum over layers, sequences, heads, tokens, dims of |out - exact|^2 / sum
-  |exact|^2), brute-forced per layer in numpy; the hard-path evaluation agrees with compress.evaluate."""
+  |exact|^2), brute-forced per layer in numpy; the hard-path evaluation agrees with compress.core.teacher_forced."""
   _, comp, params = run
   train_split, val_split = tc.load_data(tiny_config().data)
   x = train_split.get(np.arange(4))

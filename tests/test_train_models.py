@@ -18,7 +18,7 @@ from tensorboardX.proto import event_pb2
 
 from configs import var as var_configs
 from configs import vqvae as vqvae_configs
-from train import common
+from train import common, workdir_guard
 from train import var as train_var
 from train import vqvae as train_vqvae
 
@@ -192,17 +192,17 @@ def test_schedule_matches_optax():
 def test_overwrite_moves_old_run_aside(tmp_path):
   workdir = str(tmp_path / 'run')
   config = vq_config()
-  common.prepare_workdir(workdir, config, '{}')
+  workdir_guard.prepare_workdir(workdir, config, '{}')
   open(os.path.join(workdir, 'keep.txt'), 'w').write('old result')
   config.num_steps = 99
   with pytest.raises(ValueError, match='num_steps: saved 12, now 99'):
-    common.prepare_workdir(workdir, config, '{}')
+    workdir_guard.prepare_workdir(workdir, config, '{}')
   config.log_every = 5          # runtime keys never block a resume
   config.num_steps = 12
-  common.prepare_workdir(workdir, config, '{}')
+  workdir_guard.prepare_workdir(workdir, config, '{}')
   config.num_steps = 99
   config.overwrite = True
-  common.prepare_workdir(workdir, config, '{}')
+  workdir_guard.prepare_workdir(workdir, config, '{}')
   backups = glob.glob(workdir + '.old-*')
   assert len(backups) == 1 and open(os.path.join(backups[0], 'keep.txt')).read() == 'old result'
   assert json.load(open(os.path.join(workdir, 'config.json')))['num_steps'] == 99

@@ -5,9 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-from compress.attention import block_causal_attention
-from compress.base import make
-from compress.budget import CacheGeometry
+from compress.core.attention import block_causal_attention
+from compress.core.budget import CacheGeometry
+from compress.core.registry import make
 from compress_helpers import run_steps, random_qkv
 
 PN = (1, 2, 3, 4)

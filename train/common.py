@@ -1,4 +1,5 @@
-"""What the trainers share: workdir safety, mesh, optimiser, guarded update, checkpoints, the loop.
+"""What the trainers share: mesh, optimiser, guarded update, checkpoints, the loop (workdir safety:
+`train.workdir_guard`; image data: `train.image_data`).
 
 A run lives in one workdir:
   config.json         the training config (ml_collections), compared on every start
@@ -14,11 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
-import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -33,14 +32,8 @@ from absl import logging
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from var_jax.data import CLASS_NAMES, BuiltinDataset, folder_classes, load_image_folder
-
 TrainState = dict[str, Any]     # {'params': nnx.State, 'rest': nnx.State, 'opt': optax state, 'step': int32}
 Metrics = dict[str, jax.Array]
-# Keys that do not change what is computed: they may differ when a run is resumed.
-RUNTIME_KEYS = frozenset({'overwrite', 'progress', 'log_every', 'ckpt_every', 'keep_ckpts', 'eval_every',
-                          'eval_at_start'})
-EVAL_SEED_OFFSET = 1_000_003     # built-in evaluation images use data.seed + this
 # Official VAR `filter_params`: parameters whose path contains one of these get no weight decay.
 NO_DECAY_KEYS = ('pos_start', 'pos_1LC', 'lvl_embed', 'scale_mul', 'ada_gss', 'bias', 'gamma', 'beta')
 
@@ -57,63 +50,6 @@ def quiet_orbax() -> None:
   absl_logger = std_logging.getLogger('absl')
   if not any(isinstance(f, _DropOrbaxInfo) for f in absl_logger.filters):
     absl_logger.addFilter(_DropOrbaxInfo())
-
-
-# ----------------------------------------------------------------------------- workdir
-def _comparable(config: ml_collections.ConfigDict | Mapping) -> dict:
-  if isinstance(config, ml_collections.ConfigDict):
-    config = json.loads(config.to_json_best_effort())
-  return {k: v for k, v in config.items() if k not in RUNTIME_KEYS}
-
-
-def _diff(a: Mapping, b: Mapping, prefix: str = '') -> list[str]:
-  out = []
-  for k in sorted(set(a) | set(b)):
-    va, vb = a.get(k, '<absent>'), b.get(k, '<absent>')
-    if isinstance(va, Mapping) and isinstance(vb, Mapping):
-      out += _diff(va, vb, f'{prefix}{k}.')
-    elif va != vb:
-      out.append(f'{prefix}{k}: saved {va!r}, now {vb!r}')
-  return out
-
-
-def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, model_config_json: str,
-                    model_config_file: str = 'model_config.json') -> None:
-  """Creates `workdir` or checks that it belongs to the same run; never deletes anything.
-
-  A workdir whose saved config differs (other than `RUNTIME_KEYS`) is refused, unless
-  `config.overwrite` is set: then the old workdir is renamed to `<workdir>.old-<time>` and a fresh run starts.
-  Writes `config.json` and `model_config_json` (as `model_config_file`).
-  """
-  cfg_path = os.path.join(workdir, 'config.json')
-  if os.path.exists(cfg_path):
-    with open(cfg_path) as f:
-      saved = json.load(f)
-    diffs = _diff(_comparable(saved), _comparable(config))
-    if diffs and not config.get('overwrite', False):
-      raise ValueError(f'workdir {workdir!r} holds a run with a different config:\n  ' + '\n  '.join(diffs)
-                       + '\nuse another --workdir, or pass --config.overwrite=True to move the old run aside '
-                       f'(to {workdir}.old-<time>) and start afresh')
-    if diffs:
-      backup = f'{workdir.rstrip(os.sep)}.old-{time.strftime("%Y%m%d-%H%M%S")}'
-      logging.warning('config differs from the saved one; moving %s to %s', workdir, backup)
-      shutil.move(workdir, backup)
-  elif os.path.isdir(workdir) and os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise ValueError(f'workdir {workdir!r} has checkpoints but no config.json; refusing to mix runs: '
-                     'use an empty or new --workdir')
-  os.makedirs(workdir, exist_ok=True)
-  for name, text in (('config.json', config.to_json_best_effort(indent=2)),
-                     (model_config_file, model_config_json)):
-    with open(os.path.join(workdir, name), 'w') as f:
-      f.write(text + '\n')
-
-
-def read_json(workdir: str, name: str) -> Any:
-  path = os.path.join(workdir, name)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path!r} not found: is {workdir!r} the workdir of a training run?')
-  with open(path) as f:
-    return json.load(f)
 
 
 # ----------------------------------------------------------------------------- mesh
@@ -144,55 +80,6 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 
 # ----------------------------------------------------------------------------- data
-class ArrayDataset:
-  """Images held in memory (an image folder): `ds[indices]` -> (n, H, W, 3) float32 in [-1, 1]."""
-
-  def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...]):
-    self.images, self.labels, self.class_names = images, labels, class_names
-    self.num_classes = len(class_names)
-
-  def __len__(self) -> int:
-    return len(self.labels)
-
-  def __getitem__(self, indices: Any) -> np.ndarray:
-    return self.images[indices]
-
-
-def open_dataset(data_config: ml_collections.ConfigDict, image_size: int) -> BuiltinDataset | ArrayDataset:
-  """The dataset named by a config's `data` section, at `image_size` pixels."""
-  if data_config.source == 'builtin':
-    return BuiltinDataset(data_config.num_images, image_size, data_config.seed)
-  if data_config.source == 'folder':
-    if not data_config.folder:
-      raise ValueError('data.source is "folder" but data.folder is empty; pass '
-                       '--config.data.folder=/path/to/root')
-    return ArrayDataset(*load_image_folder(data_config.folder, image_size))
-  raise ValueError(f'unknown data.source {data_config.source!r}; use "builtin" or "folder"')
-
-
-def dataset_class_names(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """Class names of the configured dataset without loading it."""
-  if data_config.source == 'folder':
-    return folder_classes(data_config.folder)
-  return CLASS_NAMES
-
-
-def eval_set(data_config: ml_collections.ConfigDict, dataset: BuiltinDataset | ArrayDataset,
-             image_size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-  """(images (n, H, W, 3), labels (n,)) for evaluation: held out (another seed) for the built-in
-  data, else the first n images of the dataset (an image folder has no held-out split here)."""
-  if data_config.source == 'builtin':
-    ds = BuiltinDataset(n, image_size, data_config.seed + EVAL_SEED_OFFSET)
-    return ds[slice(None)], ds.labels
-  idx = np.arange(min(n, len(dataset)))
-  return dataset[idx], np.asarray(dataset.labels)[idx]
-
-
-def write_dataset_info(workdir: str, num_images: int, class_names: tuple[str, ...]) -> None:
-  with open(os.path.join(workdir, 'dataset.json'), 'w') as f:
-    json.dump({'num_images': int(num_images), 'class_names': list(class_names)}, f, indent=2)
-
-
 def num_params(params: nnx.State) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 

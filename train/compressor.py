@@ -7,7 +7,7 @@ r"""Trains a learned KV-cache compressor on captured (or synthetic) VAR caches, 
 Loss: the aggregate relative L2 error sqrt(sum |out - exact|^2 / sum |exact|^2) of the attention outputs
 of every scale's queries, summed over layers, sequences, heads, tokens and dims, where `out` is the
 compressor's differentiable relaxation (`train_outputs`, vmapped over layers) and `exact` the full-cache
-attention (`compress.evaluate.exact_outputs`). Batches are sequence-major (b, layers, H, L, D) and split
+attention (`compress.exact_outputs`). Batches are sequence-major (b, layers, H, L, D) and split
 over the mesh axis 'data'; the sums are global, so the sharded step computes the single-device loss.
 Evaluation runs the HARD path (`compress_step`, exactly within the budget) over the validation split.
 
@@ -34,12 +34,12 @@ from absl import app, flags, logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from compress import base
-from compress.attention import rel_error
-from compress.budget import Budget, CacheGeometry
-from compress.evaluate import exact_outputs, run_teacher_forced
-from compress.synthetic import var_like_qkv
-from train import common
+import compress
+from compress.core.attention import rel_error
+from compress.core.budget import Budget, CacheGeometry
+from compress.core.synthetic import var_like_qkv
+from compress.core.teacher_forced import exact_outputs, run_teacher_forced
+from train import common, workdir_guard
 
 COMPRESSOR_FILE = 'compressor.json'
 QKV = ('q', 'k', 'v')
@@ -110,18 +110,18 @@ def settings_dict(settings: ml_collections.ConfigDict | dict) -> dict[str, Any]:
 
 
 def build_compressor(name: str, geometry: CacheGeometry, budget: Budget | str | float | int,
-                     settings: dict[str, Any]) -> base.Compressor:
+                     settings: dict[str, Any]) -> compress.Compressor:
   """The learned compressor `name` at `budget`; clear errors for anything that cannot be trained."""
-  learned = base.available(oracle=False, calibrated=True)
-  learned = [n for n in learned if base.REGISTRY[n].learned]
-  if name not in base.REGISTRY:
+  learned = compress.available(oracle=False, calibrated=True)
+  learned = [n for n in learned if compress.REGISTRY[n].learned]
+  if name not in compress.REGISTRY:
     raise ValueError(f'config.compressor {name!r} is not a registered compressor; learned ones: {learned}')
-  if not base.REGISTRY[name].learned:
+  if not compress.REGISTRY[name].learned:
     raise ValueError(f'compressor {name!r} has no trained parameters (learned = False); pick a learned '
                      f'one: {learned}')
   if not isinstance(budget, Budget):
     budget = Budget.parse(budget, geometry)
-  comp = base.make(name, geometry, budget, **settings)
+  comp = compress.make(name, geometry, budget, **settings)
   if comp.passthrough:
     raise ValueError(f'budget {budget.bits} bits holds the whole cache ({geometry.full_bits} bits): '
                      f'{name} keeps it exactly and has nothing to learn; lower config.budget')
@@ -130,7 +130,7 @@ def build_compressor(name: str, geometry: CacheGeometry, budget: Budget | str | 
   return comp
 
 
-def compressor_info(comp: base.Compressor, budget_spec: Any, num_layers: int, num_heads: int,
+def compressor_info(comp: compress.Compressor, budget_spec: Any, num_layers: int, num_heads: int,
                     settings: dict[str, Any]) -> dict[str, Any]:
   g = comp.geometry
   return {'name': comp.name, 'budget_bits': int(comp.budget.bits), 'budget_spec': str(budget_spec),
@@ -138,7 +138,7 @@ def compressor_info(comp: base.Compressor, budget_spec: Any, num_layers: int, nu
           'geometry': {'patch_nums': list(g.patch_nums), 'head_dim': g.head_dim, 'kv_dtype': g.kv_dtype}}
 
 
-def check_params(comp: base.Compressor, params: Any, num_layers: int, num_heads: int) -> None:
+def check_params(comp: compress.Compressor, params: Any, num_layers: int, num_heads: int) -> None:
   if params is None or not jax.tree.leaves(params):
     raise ValueError(f'{comp.name} at {comp.budget.bits} bits has no parameters to train (init_params '
                      'returned none: e.g. no entry fits the budget); raise config.budget')
@@ -150,7 +150,7 @@ def check_params(comp: base.Compressor, params: Any, num_layers: int, num_heads:
 
 
 # ----------------------------------------------------------------------------- loss and step
-def relaxed_error(comp: base.Compressor, params: Any, q_NBHLD: jax.Array, k_NBHLD: jax.Array,
+def relaxed_error(comp: compress.Compressor, params: Any, q_NBHLD: jax.Array, k_NBHLD: jax.Array,
                   v_NBHLD: jax.Array) -> jax.Array:
   """Aggregate relative L2 error of `train_outputs` (vmapped over layers) against the full cache."""
   out = jax.vmap(comp.train_outputs)(params, q_NBHLD, k_NBHLD, v_NBHLD)
@@ -158,7 +158,7 @@ def relaxed_error(comp: base.Compressor, params: Any, q_NBHLD: jax.Array, k_NBHL
 
 
 def train_step(state: common.TrainState, batch: dict[str, jax.Array], hp: common.OptimHParams,
-               comp: base.Compressor) -> tuple[common.TrainState, dict[str, jax.Array]]:
+               comp: compress.Compressor) -> tuple[common.TrainState, dict[str, jax.Array]]:
   """One AdamW step on batch {'q', 'k', 'v'}: (b, layers, H, L, D), sequence-major (split over 'data')."""
   q, k, v = (jnp.moveaxis(batch[t], 0, 1) for t in QKV)
   loss, grads = jax.value_and_grad(lambda p: relaxed_error(comp, p, q, k, v))(state['params'])
@@ -168,7 +168,7 @@ def train_step(state: common.TrainState, batch: dict[str, jax.Array], hp: common
   return state, {'loss': loss, 'lr': lr, **guard}
 
 
-def init_train_state(comp: base.Compressor, params: Any, hp: common.OptimHParams) -> common.TrainState:
+def init_train_state(comp: compress.Compressor, params: Any, hp: common.OptimHParams) -> common.TrainState:
   opt = common.make_optimizer(hp, params).init(params)
   return {'params': params, 'rest': {}, 'opt': opt, 'step': jnp.zeros((), jnp.int32)}
 
@@ -185,11 +185,11 @@ _exact = jax.jit(exact_outputs, static_argnums=3)
 _relaxed = jax.jit(lambda comp, p, q, k, v: jax.vmap(comp.train_outputs)(p, q, k, v), static_argnums=0)
 
 
-def evaluate(comp: base.Compressor, params: Any, split: Any, num_sequences: int, chunk: int,
+def evaluate(comp: compress.Compressor, params: Any, split: Any, num_sequences: int, chunk: int,
              relaxed: bool = True) -> dict[str, float]:
   """Hard-path errors over the first `num_sequences` of `split`, in chunks of `chunk` sequences.
 
-  Keys: overall, per_layer/<i>, per_scale/<k> (aggregate relative L2, as `compress.evaluate.errors`),
+  Keys: overall, per_layer/<i>, per_scale/<k> (aggregate relative L2, as `compress.errors`),
   bits_over_budget (largest peak bits / budget: <= 1), soft (the relaxation's overall error).
   """
   g = comp.geometry
@@ -218,14 +218,14 @@ def evaluate(comp: base.Compressor, params: Any, split: Any, num_sequences: int,
   return out
 
 
-def baseline_errors(config: ml_collections.ConfigDict, comp: base.Compressor, split: Any,
+def baseline_errors(config: ml_collections.ConfigDict, comp: compress.Compressor, split: Any,
                     calibration: dict[str, np.ndarray], num_layers: int, num_heads: int
                     ) -> tuple[str, dict[str, float]]:
   """The heuristic `config.baseline[comp.name]` at the same budget ('' and {} when none is named)."""
   name = (config.get('baseline') or {}).get(comp.name, '')
   if not name:
     return '', {}
-  ref = base.make(name, comp.geometry, comp.budget)
+  ref = compress.make(name, comp.geometry, comp.budget)
   params = ref.init_params(jax.random.PRNGKey(config.seed), num_layers, num_heads,
                            calibration if ref.needs_calibration else None)
   return name, evaluate(ref, params, split, config.eval_sequences, config.eval_batch, relaxed=False)
@@ -250,7 +250,7 @@ def batch_at(split: Any, step: int, batch_size: int, seed: int, mesh: Mesh) -> d
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None,
-          mesh: Mesh | None = None) -> tuple[base.Compressor, Any]:
+          mesh: Mesh | None = None) -> tuple[compress.Compressor, Any]:
   """Trains (or resumes, or just loads when finished) the compressor of `config` in `workdir`.
 
   `mesh`: a 1-D mesh with axis 'data' (default: every device). Returns (compressor, params), params with
@@ -273,7 +273,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     raise ValueError(f'the training split has {n_train} sequences, fewer than batch_size '
                      f'{config.batch_size}; lower batch_size or capture more')
   info = compressor_info(comp, config.budget, num_layers, num_heads, settings)
-  common.prepare_workdir(workdir, config, json.dumps(info, indent=2), COMPRESSOR_FILE)
+  workdir_guard.prepare_workdir(workdir, config, json.dumps(info, indent=2), COMPRESSOR_FILE)
 
   calibration = train_split.get(np.arange(min(config.calibration_sequences, n_train)))
   params = comp.init_params(jax.random.PRNGKey(config.seed), num_layers, num_heads, calibration=calibration)
@@ -310,13 +310,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
   return comp, state['params']
 
 
-def load_trained(workdir: str, step: int | None = None) -> tuple[base.Compressor, Any]:
+def load_trained(workdir: str, step: int | None = None) -> tuple[compress.Compressor, Any]:
   """The compressor of a `train.compressor` workdir and its trained parameters (latest step unless
   `step`); params are a pytree with leading axes (layers, heads)."""
-  info = common.read_json(workdir, COMPRESSOR_FILE)
+  info = workdir_guard.read_json(workdir, COMPRESSOR_FILE)
   g = info['geometry']
   geometry = CacheGeometry(tuple(g['patch_nums']), g['head_dim'], g['kv_dtype'])
-  comp = base.make(info['name'], geometry, Budget(info['budget_bits']), **settings_dict(info['settings']))
+  comp = compress.make(info['name'], geometry, Budget(info['budget_bits']), **settings_dict(info['settings']))
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   mngr = common.checkpoint_manager(workdir)
   try:

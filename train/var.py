@@ -25,7 +25,7 @@ from absl import app, flags, logging
 from flax import nnx, struct
 from ml_collections import config_flags
 
-from train import common
+from train import common, image_data, workdir_guard
 from train.vqvae import load_vqvae
 from var_jax.config import VARConfig, VQVAEConfig, from_json, to_json
 from var_jax.sampling import generate
@@ -47,7 +47,7 @@ def model_config(config: ml_collections.ConfigDict, vae_cfg: VQVAEConfig, num_cl
 
 def load_var(workdir: str, step: int | None = None) -> tuple[VAR, int]:
   """The trained VAR of a `train.var` workdir (latest checkpoint unless `step`), and its step."""
-  cfg = from_json(common.read_json(workdir, 'model_config.json'))
+  cfg = from_json(workdir_guard.read_json(workdir, 'model_config.json'))
   if not isinstance(cfg, VARConfig):
     raise ValueError(f'{workdir!r} holds a {type(cfg).__name__} run, not a VAR run (train.var)')
   model = common.abstract_model(VAR, cfg)
@@ -88,8 +88,8 @@ def load_or_encode_tokens(config: ml_collections.ConfigDict,
     vae, _ = load_vqvae(vae_dir, step)
     return vae, tokens
   vae, step = load_vqvae(vae_dir, None if config.vqvae_step == -1 else config.vqvae_step)
-  dataset = common.open_dataset(config.data, vae.cfg.image_size)
-  eval_images, eval_labels = common.eval_set(config.data, dataset, vae.cfg.image_size, config.eval_images)
+  dataset = image_data.open_dataset(config.data, vae.cfg.image_size)
+  eval_images, eval_labels = image_data.eval_set(config.data, dataset, vae.cfg.image_size, config.eval_images)
   logging.info('encoding %d images with the VQ-VAE of %s (step %d)', len(dataset), vae_dir, step)
   tokens = {'idx': encode_dataset(vae, dataset, len(dataset), config.progress),
             'labels': np.asarray(dataset.labels, np.int32),
@@ -179,19 +179,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   if not config.vqvae_workdir:
     raise ValueError('config.vqvae_workdir is empty: pass '
                      '--config.vqvae_workdir=<workdir of a train.vqvae run>')
-  vae_cfg = from_json(common.read_json(config.vqvae_workdir, 'model_config.json'))
+  vae_cfg = from_json(workdir_guard.read_json(config.vqvae_workdir, 'model_config.json'))
   if not isinstance(vae_cfg, VQVAEConfig):
     raise ValueError(f'config.vqvae_workdir {config.vqvae_workdir!r} is not a train.vqvae run')
-  class_names = common.dataset_class_names(config.data)
+  class_names = image_data.dataset_class_names(config.data)
   cfg = model_config(config, vae_cfg, len(class_names))
-  common.prepare_workdir(workdir, config, to_json(cfg))
+  workdir_guard.prepare_workdir(workdir, config, to_json(cfg))
   mesh = common.make_mesh()
   common.check_batch(config.batch_size, mesh)
   vae, tokens = load_or_encode_tokens(config, workdir)
   if int(tokens['labels'].max()) >= cfg.num_classes:
     raise ValueError(f'dataset labels reach {int(tokens["labels"].max())} but the model has '
                      f'{cfg.num_classes} classes')
-  common.write_dataset_info(workdir, len(tokens['labels']), class_names)
+  image_data.write_dataset_info(workdir, len(tokens['labels']), class_names)
 
   model = common.create_model(VAR, cfg, config.seed)
   _, params, _ = nnx.split(model, nnx.Param, ...)

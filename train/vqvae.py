@@ -20,7 +20,7 @@ from absl import app, flags, logging
 from flax import nnx, struct
 from ml_collections import config_flags
 
-from train import common
+from train import common, image_data, workdir_guard
 from var_jax.config import VQVAEConfig, from_json, to_json
 from var_jax.vqvae import VQVAE
 
@@ -35,7 +35,7 @@ def model_config(config: ml_collections.ConfigDict) -> VQVAEConfig:
 
 def load_vqvae(workdir: str, step: int | None = None) -> tuple[VQVAE, int]:
   """The trained VQ-VAE of a `train.vqvae` workdir (latest checkpoint unless `step`), and its step."""
-  cfg = from_json(common.read_json(workdir, 'model_config.json'))
+  cfg = from_json(workdir_guard.read_json(workdir, 'model_config.json'))
   if not isinstance(cfg, VQVAEConfig):
     raise ValueError(f'{workdir!r} holds a {type(cfg).__name__} run, not a VQ-VAE run (train.vqvae)')
   model = common.abstract_model(VQVAE, cfg)
@@ -101,12 +101,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
           stop_at_step: int | None = None) -> dict[str, float]:
   """Trains (or resumes) the VQ-VAE described by `config` in `workdir`; returns the last metrics."""
   cfg = model_config(config)
-  common.prepare_workdir(workdir, config, to_json(cfg))
+  workdir_guard.prepare_workdir(workdir, config, to_json(cfg))
   mesh = common.make_mesh()
   common.check_batch(config.batch_size, mesh)
-  dataset = common.open_dataset(config.data, cfg.image_size)
-  common.write_dataset_info(workdir, len(dataset), dataset.class_names)
-  eval_images, _ = common.eval_set(config.data, dataset, cfg.image_size, EVAL_IMAGES)
+  dataset = image_data.open_dataset(config.data, cfg.image_size)
+  image_data.write_dataset_info(workdir, len(dataset), dataset.class_names)
+  eval_images, _ = image_data.eval_set(config.data, dataset, cfg.image_size, EVAL_IMAGES)
 
   model = common.create_model(VQVAE, cfg, config.seed)
   _, params, _ = nnx.split(model, nnx.Param, ...)

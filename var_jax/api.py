@@ -126,9 +126,3 @@ def load_official(var_path: str | os.PathLike, vae_path: str | os.PathLike,
 def load_converted(ckpt_dir: str | os.PathLike) -> VARModel:
   """Loads a directory written by `python -m var_jax.convert` (orbax + config.json; fast)."""
   return VARModel(*convert.load_converted_models(ckpt_dir))
-
-
-def load_default(root: str | os.PathLike | None = None) -> VARModel:
-  """The shipped small default model (see var_jax/default_model.py)."""
-  from var_jax import default_model  # pylint: disable=g-import-not-at-top (it imports this module)
-  return default_model.load_default(root)

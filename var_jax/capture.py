@@ -352,10 +352,9 @@ def define_flags(fv: Any = None) -> None:
 def load_model(fv: Any) -> tuple[VARModel, dict[str, Any]]:
   """The model the flags name, and a description of its source."""
   import var_jax
-  from var_jax import api
   given = [n for n in ('model', 'var_ckpt', 'vae_ckpt', 'converted') if getattr(fv, n)]
   if given == ['model']:
-    return api.load_default(), {'kind': 'default'}
+    return var_jax.load_default(), {'kind': 'default'}
   if sorted(given) == ['vae_ckpt', 'var_ckpt']:
     src = {'kind': 'official'} | {n: {'file': os.path.basename(p), 'bytes': os.path.getsize(p)}
                                   for n, p in (('var', fv.var_ckpt), ('vae', fv.vae_ckpt))}

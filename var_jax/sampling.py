@@ -120,6 +120,18 @@ def _start(var_graph: nnx.GraphDef, var_state: nnx.State, policy: CachePolicy, l
   return cond_2BD, x_2BlC, state, f_hat
 
 
+def guidance_weight(cfg: float, scale: int, num_scales: int) -> np.float32:
+  """Guidance t of scale `scale`: cfg * scale / (K - 1), as the official code (ratio in double), fp32."""
+  return np.float32(cfg * (scale / max(num_scales - 1, 1)))
+
+
+def guide(logits_2BlV: Any, t: Any) -> Any:
+  """Guided logits (1 + t) * cond - t * uncond, (B, l, V), of a batch with the conditional half first
+  (jax or numpy arrays)."""
+  b = logits_2BlV.shape[0] // 2
+  return (1 + t) * logits_2BlV[:b] - t * logits_2BlV[b:]
+
+
 @functools.partial(
     jax.jit, donate_argnames=('state', 'f_hat_BhwC'),
     static_argnames=('var_graph', 'vae_graph', 'policy', 'scale', 'top_k', 'top_p', 'capture_qkv',
@@ -140,7 +152,7 @@ def _scale_step(var_graph: nnx.GraphDef, var_state: nnx.State, vae_graph: nnx.Gr
 
   logits_2BlV, new_state, qkv = _through_policy(var_model, policy, scale, state, x_2BlC, cond_2BD,
                                                 capture_qkv)
-  guided_BlV = (1 + t) * logits_2BlV[:b] - t * logits_2BlV[b:]
+  guided_BlV = guide(logits_2BlV, t)
   idx_Bl = sample_top_k_top_p(key, guided_BlV, top_k, top_p)
   h_BpnpnC = vae.embed_idx(idx_Bl).reshape(b, pn, pn, cfg.z_channels)
   f_hat_BhwC, next_BhwC = vae.next_autoregressive_input(scale, f_hat_BhwC, h_BpnpnC)
@@ -237,7 +249,7 @@ def generate(var_model: VAR, vqvae: nnx.Module, labels_B: Any, *, key: Array, cf
   cond_2BD, x_2BlC, state, f_hat = _start(var_graph, var_state, policy, labels_B)
   tokens, qkvs, logits = [], [], []
   for scale in range(num_scales):
-    t = np.float32(cfg * (scale / max(num_scales - 1, 1)))   # official: cfg * ratio in double
+    t = guidance_weight(cfg, scale, num_scales)
     idx_Bl, f_hat, x_2BlC, state, qkv, lg = _scale_step(
         var_graph, var_state, vae_graph, vae_state, policy, scale, int(top_k), float(top_p),
         capture_qkv, capture_logits, state, x_2BlC, cond_2BD, f_hat, t, keys[scale])
