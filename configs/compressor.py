@@ -30,9 +30,8 @@ LEARNING_RATES = {'evict_learned': 3e-4}
 
 def compressor_settings(name: str) -> ml_collections.ConfigDict:
   """The dataclass defaults of registered compressor `name` (empty if it is not registered)."""
-  from compress import base  # pylint: disable=g-import-not-at-top  (imports jax: only when asked)
-  base.available()                                 # registers the built-in library
-  cls = base.REGISTRY.get(name)
+  import compress  # pylint: disable=g-import-not-at-top  (imports jax and registers the built-ins: only when asked)
+  cls = compress.REGISTRY.get(name)
   settings = {}
   if cls is not None:
     for f in dataclasses.fields(cls):
@@ -76,7 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.kv_dtype = 'float16'               # dtype of stored keys / values (the budget's yardstick)
   c.baseline = ml_collections.ConfigDict(BASELINES)
   c.data = data_config()
-  c.calibration_sequences = 32         # training sequences given to init_params (PCA, statistics)
+  c.calibration_sequences = 32         # training sequences given to init_params (PCA, statistics); 0: all
   # optimisation: AdamW on a warm-up + cosine schedule, global-norm clipping
   c.batch_size = 16                    # sequences per step (a multiple of the devices)
   c.num_steps = 2000

@@ -59,9 +59,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'budgets': BUDGETS,
       'val_sequences': 0,          # 0: the whole validation split
       'batch': 16,                 # sequences per run_teacher_forced call
-      'calibration_sequences': 16,  # training sequences given to calibrated compressors (pca, ...)
+      # training sequences given to calibrated compressors (pca, ...); 0: the whole training split,
+      # the same sequences the learned compressors train on
+      'calibration_sequences': 0,
+      # shared parameters (bases, scorers) are charged to this many served sequences on the frontier's
+      # x axis (amortised_bits); 0: the held-out sequences evaluated (the most conservative choice)
+      'served_sequences': 0,
   })
   c.rank_bound = ml_collections.ConfigDict({'settings': ('values', 'kv_entries'), 'curve_points': 24})
+  # the rate-distortion curve of Gaussian values with the caches' statistics: a reference, not a bound
+  c.gaussian_reference = True
   # learned compressors: trained on demand (train.compressor, on this run's capture) into
   # WORKDIR/train/<name>-<setting>-<bits>bits, or loaded from checkpoint_root/<same name>
   c.learned = ml_collections.ConfigDict({
@@ -69,14 +76,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'variant': 'default',
       'train': ml_collections.ConfigDict({'num_steps': 100, 'batch_size': 8, 'warmup_steps': 10,
                                           'eval_every': 100, 'ckpt_every': 100, 'log_every': 25,
-                                          'eval_sequences': 16, 'calibration_sequences': 16,
+                                          'eval_sequences': 16, 'calibration_sequences': 0,
                                           # the sweep evaluates every method; skip the trainer's step-0
                                           # evaluation of the init and its baseline (~10 s per run)
                                           'eval_at_start': False})})
   # closed loop: generation with each compressor vs the full cache, same labels and seeds
   c.closed_loop = ml_collections.ConfigDict({
-      'methods': ('snapkv', 'kivi', 'lowrank_learned'), 'budgets': ('10%', '25%'),
-      'labels': (0, 3, 6, 9), 'seeds': (0,), 'cfg': 1.5, 'top_k': 0, 'top_p': 0.0})
+      'methods': ('snapkv', 'kivi', 'merge_learned'), 'budgets': ('10%', '25%'),
+      'labels': tuple(range(12)), 'seeds': (0,), 'cfg': 1.5, 'top_k': 0, 'top_p': 0.0})
   # hard instance (mode 'hard'): flat stream of n tokens and the VAR schedule patch_nums
   c.hard = ml_collections.ConfigDict({
       'instances': ('flat', 'var'), 'n': 128, 'patch_nums': (1, 2, 3, 4, 5, 6, 8), 'd': 64,
@@ -84,7 +91,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'methods': ('all',),         # 'all' = every registered non-learned compressor
       'budgets': ('5%', '10%', '25%', '50%')})
   c.progress = True
-  c.overwrite = False
+  c.overwrite = False           # True: a run with another config or code is moved aside, then redone
+  c.allow_code_change = False   # True: resume a run made with other package sources, keeping its results
   if variant == 'tiny':
     c.capture.update({'train_shards': 2, 'val_shards': 1, 'shard_size': 4})
     c.sweep.methods = ('full', 'oracle', 'window', 'kivi', 'pca')
@@ -102,11 +110,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sweep.batch = 32
     c.sweep.methods = ('all',)   # every registered non-learned compressor
     c.sweep.budgets = ('2.5%', '5%', '10%', '20%', '35%', '50%')
-    c.sweep.calibration_sequences = 64
     c.learned.methods = ('all',)  # every registered learned compressor, trained at every budget
     c.learned.budgets = c.sweep.budgets
     c.learned.train.update({'num_steps': 1000, 'batch_size': 16, 'eval_every': 500, 'ckpt_every': 250,
-                            'eval_sequences': 64, 'calibration_sequences': 64})
+                            'eval_sequences': 64})
     c.closed_loop.update({'methods': ('window', 'snapkv', 'tome', 'kivi', 'pca', 'lowrank_learned'),
                           'budgets': ('10%', '25%', '50%'), 'labels': tuple(range(12)), 'seeds': (0, 1)})
   return c

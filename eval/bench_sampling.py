@@ -35,7 +35,8 @@ flags.DEFINE_float('cfg', 1.5, 'guidance')
 flags.DEFINE_integer('top_k', 900, 'top-k')
 flags.DEFINE_float('top_p', 0.96, 'top-p')
 flags.DEFINE_string('policy', 'full', 'cache policy: full, or a registered compressor name')
-flags.DEFINE_string('budget', '25%', 'compressor budget (see compress.Budget.parse)')
+flags.DEFINE_string('budget', '25%', 'compressor budget with its unit: 25% (of the fp16 cache), 2bpc '
+                    '(bits per cached coordinate) or 100000bits (see compress.Budget.parse)')
 
 
 def random_model(build, seed: int):
@@ -70,10 +71,14 @@ def main(argv):
   policy = None
   if FLAGS.policy != 'full':
     from compress.core.registry import make
-    from compress.core.budget import CacheGeometry
+    from compress.core.budget import Budget, CacheGeometry
     from compress.core.policy import CompressorPolicy
     geometry = CacheGeometry(tuple(cfg.patch_nums), cfg.head_dim)
-    policy = CompressorPolicy(make(FLAGS.policy, geometry, FLAGS.budget))
+    try:
+      budget = Budget.parse(FLAGS.budget, geometry)
+    except ValueError as e:
+      raise app.UsageError(f'--budget: {e}') from None
+    policy = CompressorPolicy(make(FLAGS.policy, geometry, budget))
   labels = [i % cfg.num_classes for i in range(FLAGS.batch)]
   run = lambda seed: sampling.generate(var, vae, labels, key=jax.random.key(seed), cfg=FLAGS.cfg,
                                        top_k=FLAGS.top_k, top_p=FLAGS.top_p, policy=policy)

@@ -4,12 +4,15 @@ Per (method, setting, budget), over the same labels and PRNG seeds as the full-c
 token agreement per scale (once a token differs the later scales see another image, so agreement
 compounds), KL(full || compressed) of the guided next-token distributions per scale (the logits the
 sampler draws from, (1 + t) cond - t uncond; in closed loop, so after the first divergence it compares
-different prefixes), PSNR (capped at 100 dB for identical images) and SSIM of the decoded images, and
+different prefixes), PSNR (capped at 100 dB for identical images) and SSIM of the decoded images
+(percentile-bootstrap intervals over images: they stay inside each metric's range), the share of images
+the built-in classifier (eval/classifier.py) puts in their class (beside the full cache's), and
 the cache memory measured on the final policy state (= its peak: nothing is absorbed after the last
 scale): bytes allocated by its buffers and bytes counted by `Compressor.bits`.
 """
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Sequence
 
@@ -19,13 +22,14 @@ import numpy as np
 from compress.core.accounting import tree_bytes
 from compress.core.interface import Compressor
 from compress.core.policy import CompressorPolicy
-from eval.metrics import kl_logits, mean_ci, psnr, ssim
+from eval.metrics import bootstrap_mean_ci, kl_logits, psnr, ssim
 from var_jax import sampling
 
 PSNR_CAP = 100.0
 COLUMNS = ('method', 'family', 'setting', 'budget', 'budget_bits', 'images', 'token_agreement',
            'token_agreement_per_scale', 'kl', 'kl_per_scale', 'psnr', 'psnr_ci_low', 'psnr_ci_high', 'ssim',
-           'ssim_ci_low', 'ssim_ci_high', 'bits_max', 'cache_bytes_counted', 'cache_bytes_allocated',
+           'ssim_ci_low', 'ssim_ci_high', 'class_accuracy', 'class_accuracy_ci_low', 'class_accuracy_ci_high',
+           'full_class_accuracy', 'bits_max', 'cache_bytes_counted', 'cache_bytes_allocated',
            'full_cache_bytes_allocated', 'fp16_cache_bytes', 'seconds')
 KEY = ('method', 'setting', 'budget')
 
@@ -57,18 +61,36 @@ def compare(ref: dict[str, Any], got: dict[str, Any], level: float) -> dict[str,
   kl = [float(kl_logits(a, b).mean()) for a, b in zip(ref['logits'], got['logits'])]
   p = np.minimum(psnr(ref['images'], got['images']), PSNR_CAP)
   s = ssim(ref['images'], got['images'])
-  pm, pl, ph = mean_ci(p, level)
-  sm, sl, sh = mean_ci(s, level)
+  pm, pl, ph = bootstrap_mean_ci(p, level)      # inside [0, PSNR_CAP]
+  sm, sl, sh = bootstrap_mean_ci(s, level)      # inside [-1, 1]
   return {'images': int(p.size), 'token_agreement': float(np.dot(agree, sizes) / sizes.sum()),
           'token_agreement_per_scale': agree, 'kl': float(np.dot(kl, sizes) / sizes.sum()),
           'kl_per_scale': kl, 'psnr': pm, 'psnr_ci_low': pl, 'psnr_ci_high': ph,
           'ssim': sm, 'ssim_ci_low': sl, 'ssim_ci_high': sh}
 
 
+@functools.lru_cache(maxsize=1)
+def _classifier() -> Any:
+  from eval import classifier  # pylint: disable=g-import-not-at-top
+  return classifier.load()
+
+
+def class_hits(images_NHWC: np.ndarray, labels: Sequence[int], seeds: Sequence[int]) -> np.ndarray | None:
+  """(n,) 1.0 where the built-in classifier (eval/classifier.py) names an image's class, else 0.0;
+  None when the images are not of its size or the labels not its classes (another model)."""
+  model, meta = _classifier()
+  want = np.tile(np.asarray(labels), len(seeds))          # images are seed-major: labels per seed
+  if images_NHWC.shape[1] != meta['image_size'] or want.max() >= meta['num_classes']:
+    return None
+  from eval import classifier  # pylint: disable=g-import-not-at-top
+  return (classifier.predict(model, images_NHWC * 2 - 1) == want).astype(np.float64)
+
+
 def full_reference(model: Any, labels: Sequence[int], seeds: Sequence[int], gen: dict[str, Any]
                    ) -> dict[str, Any]:
   ref = generate(model, labels, seeds, gen)
   ref['bytes'] = tree_bytes(ref['state'])
+  ref['hits'] = class_hits(ref['images'], labels, seeds)
   return ref
 
 
@@ -82,8 +104,14 @@ def evaluate_policy(model: Any, comp: Compressor, params: Any, setting: str, bud
   bits = np.asarray(policy.bits(got['state']))                      # (layers, 2B, H)
   cfg = model.var.cfg
   fp16 = comp.geometry.fp16_bits * cfg.depth * 2 * len(labels) * cfg.num_heads // 8
+  hits = class_hits(got['images'], labels, seeds)
+  acc = {}
+  if hits is not None and ref.get('hits') is not None:
+    m, lo, hi = bootstrap_mean_ci(hits, level)
+    acc = {'class_accuracy': m, 'class_accuracy_ci_low': lo, 'class_accuracy_ci_high': hi,
+           'full_class_accuracy': float(ref['hits'].mean())}
   row = {'method': comp.name, 'family': comp.family, 'setting': setting, 'budget': budget,
-         'budget_bits': comp.budget.bits, **compare(ref, got, level), 'bits_max': int(bits.max()),
+         'budget_bits': comp.budget.bits, **compare(ref, got, level), **acc, 'bits_max': int(bits.max()),
          'cache_bytes_counted': float(bits.sum()) / 8, 'cache_bytes_allocated': tree_bytes(got['state']),
          'full_cache_bytes_allocated': ref['bytes'], 'fp16_cache_bytes': fp16,
          'seconds': time.perf_counter() - t0}

@@ -25,7 +25,8 @@ from compress.core.budget import CacheGeometry
 from eval import sweep
 from eval import params as params_lib
 
-COLUMNS = ('a', 'b', 'budget', 'bits_a', 'bits_b', 'rel_error_a', 'rel_error_b', 'ratio', 'ratio_ci_low',
+COLUMNS = ('a', 'b', 'budget', 'bits_a', 'bits_b', 'amortised_bits_a', 'amortised_bits_b', 'rel_error_a',
+           'rel_error_b', 'ratio', 'ratio_ci_low',
            'ratio_ci_high', 'a_better_share', 'num_images')
 
 
@@ -53,12 +54,14 @@ def method_params(config, workdir: str, spec: sweep.MethodSpec, comp: compress.C
     if not os.path.isdir(folder):
       raise FileNotFoundError(f'no trained run {folder!r}: the frontier did not train {spec} at '
                               f'{comp.budget.bits} bits (add it to learned.methods / learned.budgets)')
-    return trainer.load_trained(folder)[1]
+    from var_jax.capture import fingerprint  # pylint: disable=g-import-not-at-top
+    return trainer.load_trained(folder, expect=fingerprint(os.path.join(workdir, 'capture')))[1]
   calib = None
   if comp.needs_calibration:
     from var_jax.capture import CaptureDataset  # pylint: disable=g-import-not-at-top
     train = CaptureDataset(os.path.join(workdir, 'capture'), 'train')
-    calib = train.get(np.arange(min(config.sweep.calibration_sequences, train.num_sequences)))
+    calib = train.get(np.arange(min(config.sweep.calibration_sequences or train.num_sequences,
+                                    train.num_sequences)))
   return comp.init_params(jax.random.key(config.seed), data.num_layers, data.num_heads, calibration=calib)
 
 
@@ -90,9 +93,14 @@ def compare(workdir: str, a: str, b: str, budgets: Sequence[str], batch: int = 1
     for tag, name in (('a', a), ('b', b)):
       spec = sweep.MethodSpec.parse(name)
       comp = spec.make(geometry, budget)
-      res = sweep.run_point(comp, method_params(config, workdir, spec, comp, data), data, batch)
+      params = method_params(config, workdir, spec, comp, data)
+      res = sweep.run_point(comp, params, data, batch)
       d2[tag], e2 = per_image(res, data.units)
       row[f'bits_{tag}'] = int(res['peak_bits'].max())
+      served = config.sweep.get('served_sequences', 0) or data.num_sequences
+      row[f'amortised_bits_{tag}'] = sweep.bits_columns(
+          row[f'bits_{tag}'], geometry, comp.shared_bits(params), data.num_layers * data.num_heads,
+          served)['amortised_bits']
       row[f'rel_error_{tag}'] = float(np.sqrt(d2[tag].sum() / e2.sum()))
       jax.clear_caches()
     row['ratio'], row['ratio_ci_low'], row['ratio_ci_high'] = paired_ratio(
@@ -119,7 +127,8 @@ def main(argv):
     w.writeheader()
     w.writerows(rows)
   for r in rows:
-    print(f"{r['budget']:>6}: {r['a']} {r['rel_error_a']:.4f} vs {r['b']} {r['rel_error_b']:.4f}; ratio "
+    print(f"{r['budget']:>6}: {r['a']} {r['rel_error_a']:.4f} at {r['amortised_bits_a']:.0f} bits vs {r['b']} "
+          f"{r['rel_error_b']:.4f} at {r['amortised_bits_b']:.0f} bits (amortised); ratio "
           f"{r['ratio']:.3f} [{r['ratio_ci_low']:.3f}, {r['ratio_ci_high']:.3f}]; {r['a']} better on "
           f"{100 * r['a_better_share']:.0f} % of {r['num_images']} images")
   print(f'wrote {path}')

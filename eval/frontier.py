@@ -12,11 +12,14 @@ Stages (model mode; each resumes from what the workdir holds, nothing earlier is
                WORKDIR/train/ (train.compressor) or loaded from config.learned.checkpoint_root.
  4. sweep      every method x setting x budget teacher forced on the val split -> frontier.csv, one
                row per point appended when done (a re-run skips the rows already there).
- 5. bounds     the rank (Eckart-Young) bound on the same caches -> rows 'rank_bound', bounds.csv.
+ 5. bounds     the rank (Eckart-Young) bound on the same caches -> rows 'rank_bound', bounds.csv
+               (drawn only against caches of full-precision entries), and the Gaussian ideal-code
+               reference (eval/gaussian_reference.py; not a bound).
  6. frontier   pareto.csv (lower envelope, all deployable methods and per family), frontier.png.
  7. closed loop generation with compressors vs the full cache -> closed_loop.csv, samples_*.png.
- 8. TensorBoard WORKDIR/tb (eval/tb.py: scalars with step = budget in bits per coordinate x 1000,
-               the figure, hparams with one session per point, the image grids).
+ 8. TensorBoard WORKDIR/tb (eval/tb.py, docs/tensorboard.md: one chart of every method's error against
+               amortised bits per coordinate (step = x 1000), the bounds where they hold, closed loop,
+               per-family charts, the figure and image grids; hparams apart in WORKDIR/tb_hparams).
 Mode 'hard' (configs/frontier.py:hard) runs stages 4-6 and 8 on the hard instances instead (eval/hard.py).
 """
 from __future__ import annotations
@@ -30,16 +33,22 @@ from typing import Any, Callable, Sequence
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 import compress
 from compress.core.budget import Budget, CacheGeometry
-from eval import closed_loop, hard, pareto, plots, rank_bound, sweep, tb
+from eval import closed_loop, gaussian_reference, hard, pareto, plots, rank_bound, sweep, tb
 from eval.params import Params
 from eval.results import ResultTable, write_table
 from eval.sweep import FULL_BUDGET, MethodSpec
 
 ALL = 'all'          # in a methods list: every registered compressor of that kind
-BOUND_COLUMNS = ('dataset', 'bound', 'setting', 'bits', 'bits_per_coordinate', 'rel_error')
+# Config keys that may change between runs in one workdir: they only add (or drop) points, each of
+# which is keyed by itself (rows by dataset/method/setting/budget, trained compressors by their folder).
+EXTENDABLE = ('sweep.methods', 'sweep.budgets', 'learned.methods', 'learned.budgets', 'closed_loop.methods',
+              'closed_loop.budgets', 'rank_bound.settings', 'hard.methods', 'hard.budgets')
+# applies_to: the families a bound holds for ('all': every compressor; 'reference': not a bound)
+BOUND_COLUMNS = ('dataset', 'bound', 'setting', 'applies_to', 'bits', 'bits_per_coordinate', 'rel_error')
 
 
 class Paths:
@@ -91,6 +100,9 @@ def run_points(table: ResultTable, jobs: Sequence[tuple[MethodSpec, Any]],
   failed = []
   todo = [(s, b) for s, b in jobs if {'dataset': dataset, 'method': s.name, 'setting': s.setting,
                                       'budget': b} not in table]
+  if len(todo) < len(jobs):
+    logging.info('%s: reusing %d finished points of %d from %s; computing %d', dataset,
+                 len(jobs) - len(todo), len(jobs), table.path, len(todo))
   with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f'frontier [{dataset}]', unit='point',
             disable=not progress) as bar:
     for spec, budget in todo:
@@ -128,27 +140,35 @@ def load_model(mc: ml_collections.ConfigDict) -> Any:
 def capture_stage(config: ml_collections.ConfigDict, model: Any, path: str) -> None:
   from var_jax import capture  # pylint: disable=g-import-not-at-top
   c = config.capture
+  if os.path.exists(os.path.join(path, capture.MANIFEST)):
+    logging.info('capture: reusing %s (its manifest is checked against config.capture)', path)
   capture.capture(model, path, train_shards=c.train_shards, val_shards=c.val_shards,
                   shard_size=c.shard_size, seed=c.seed, cfg=c.cfg, top_k=c.top_k, top_p=c.top_p,
                   dtype=c.dtype, progress=config.progress, source={'kind': config.model.source})
 
 
 def bounds_stage(config, table, data, geometry, jobs) -> list[dict]:
-  """Rank-bound rows at every budget of the sweep (appended if missing) and curves for the plot."""
+  """Rank-bound rows at every budget of the sweep (appended if missing) and curves for the plot: the
+  rank bound (for caches of full-precision entries only) and the Gaussian ideal-code reference."""
+  curves = []
+  if config.get('gaussian_reference', True):
+    c = gaussian_reference.curve(data, geometry, config.sweep.batch)
+    curves.append({'dataset': 'val', 'bound': 'gaussian_ideal_code', 'label': gaussian_reference.LABEL,
+                   'setting': 'keys_free', 'applies_to': 'reference', **c})
   if not config.rank_bound.settings:
-    return []
+    return curves
   budgets = sorted({(str(b), Budget.parse(b, geometry).bits) for _, b in jobs if b != FULL_BUDGET},
                    key=lambda x: x[1])
   bound = rank_bound.RankBound(data, config.sweep.batch)
   for row in rank_bound.rows(bound, geometry, budgets, tuple(config.rank_bound.settings)):
     if row not in table:
       table.append(row)
-  curves = []
   for s in config.rank_bound.settings:
     c = bound.curve(geometry, s, config.rank_bound.curve_points)
-    curves.append({'dataset': 'val', 'bound': 'rank_bound', 'label': f'rank bound ({s})', 'setting': s,
-                   'bits': c['bits'], 'bits_per_coordinate': c['bits'] / geometry.coordinates,
-                   'rel_error': c['rel_error']})
+    curves.append({'dataset': 'val', 'bound': 'rank_bound', 'label': f'rank bound ({s}; full-precision entries)',
+                   'setting': s, 'families': rank_bound.ENTRY_FAMILIES,
+                   'applies_to': ' '.join(rank_bound.ENTRY_FAMILIES), 'bits': c['bits'],
+                   'bits_per_coordinate': c['bits'] / geometry.coordinates, 'rel_error': c['rel_error']})
   return curves
 
 
@@ -213,18 +233,18 @@ def run_model(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable
   capture_stage(config, model, paths.capture)
   val = CaptureDataset(paths.capture, 'val')
   data = sweep.CacheSet.from_dataset(val, config.sweep.val_sequences)
-  n_cal = config.sweep.calibration_sequences
   train = CaptureDataset(paths.capture, 'train')
-  params = Params(config, paths.workdir, paths.capture,
-                  lambda: train.get(np.arange(min(n_cal, train.num_sequences))),
+  n_cal = min(config.sweep.calibration_sequences or train.num_sequences, train.num_sequences)
+  params = Params(config, paths.workdir, paths.capture, lambda: train.get(np.arange(n_cal)),
                   data.num_layers, data.num_heads)
   table = ResultTable(paths.frontier, sweep.COLUMNS, sweep.KEY)
   evaluate = lambda spec, b: sweep.evaluate_spec(spec, b, data, geometry, params, batch=config.sweep.batch,
-                                                 level=config.confidence)
+                                                 level=config.confidence,
+                                                 served_sequences=config.sweep.served_sequences)
   failed = run_points(table, jobs, evaluate, config.progress, 'val')
   curves = bounds_stage(config, table, data, geometry, jobs)
   closed, grids = closed_loop_stage(config, paths, model, geometry, params)
-  finish(config, paths, table.rows, curves, closed, grids, {'val': geometry.coordinates}, 'VAR KV cache')
+  finish(config, paths, table.rows, curves, closed, grids, 'VAR KV cache')
   return {'failed': failed, 'seconds': time.time() - t0}
 
 
@@ -241,24 +261,23 @@ def run_hard(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable[
         Budget.parse(b, ds[0][0].geometry)
   prepare(json.dumps(h.to_dict(), indent=2, default=list))
   table = ResultTable(paths.frontier, sweep.COLUMNS + hard.COLUMNS, sweep.KEY)
-  failed, curves, coordinates = [], [], {}
+  failed, curves = [], []
   for kind, ds in draws.items():
-    coordinates[kind] = ds[0][0].geometry.coordinates
     evaluate = lambda s, b, kind=kind, ds=ds: hard.evaluate_spec(kind, ds, s, b, config.confidence)
     failed += run_points(table, jobs, evaluate, config.progress, kind)
     curves.append({**hard.rd_curve(kind, ds), 'bound': 'rate_distortion', 'setting': 'keys_free'})
-  finish(config, paths, table.rows, curves, [], {}, coordinates, 'hard instance')
+  finish(config, paths, table.rows, curves, [], {}, 'hard instance')
   return {'failed': failed, 'seconds': time.time() - t0}
 
 
 # ---------------------------------------------------------------------------- outputs
-def finish(config, paths: Paths, rows, curves, closed, grids, coordinates, title) -> None:
+def finish(config, paths: Paths, rows, curves, closed, grids, title) -> None:
   """pareto.csv, bounds.csv, frontier.png and the TensorBoard view of the tables."""
   front = pareto.frontier_rows(rows)
   write_table(paths.pareto, pareto.COLUMNS, front)
   write_table(paths.bounds, BOUND_COLUMNS,
-              [{'dataset': c['dataset'], 'bound': c['bound'], 'setting': c['setting'], 'bits': b,
-                'bits_per_coordinate': x, 'rel_error': e}
+              [{'dataset': c['dataset'], 'bound': c['bound'], 'setting': c['setting'],
+                'applies_to': c.get('applies_to', 'all'), 'bits': b, 'bits_per_coordinate': x, 'rel_error': e}
                for c in curves for b, x, e in zip(c['bits'], c['bits_per_coordinate'], c['rel_error'])])
   fig = plots.frontier_figure(rows, front, curves, title)
   fig.savefig(paths.png, dpi=120)
@@ -268,7 +287,7 @@ def finish(config, paths: Paths, rows, curves, closed, grids, coordinates, title
     if len(figures) > 1:       # one figure per TensorBoard run
       figures = {d: plots.frontier_figure([r for r in rows if r['dataset'] == d], front,
                                           [c for c in curves if c['dataset'] == d], title) for d in figures}
-    tb.write(paths.tb, key, rows, front, figures, grids, closed, coordinates)
+    tb.write(paths.tb, key, rows, front, tb.read_table(paths.bounds), closed, figures, grids)
   plots.plt.close('all')
 
 
@@ -288,7 +307,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.mode not in ('model', 'hard'):
     raise ValueError(f'config.mode must be "model" or "hard", got {config.mode!r}')
   paths = Paths(workdir)
-  prepare = lambda model_json: workdir_guard.prepare_workdir(workdir, run_config(config), model_json)
+
+  def prepare(model_json: str) -> None:
+    extended = workdir_guard.prepare_workdir(workdir, run_config(config), model_json, extendable=EXTENDABLE,
+                                             code_sha256=workdir_guard.source_fingerprint())
+    if extended:
+      logging.info('extending the run in %s (only what is new is computed):\n  %s', workdir,
+                   '\n  '.join(extended))
   with sweep.fast_compile(config.fast_compile):
     return (run_hard if config.mode == 'hard' else run_model)(config, paths, prepare)
 
@@ -305,7 +330,7 @@ def main(argv: Sequence[str]) -> None:
   p = Paths(F.workdir)
   print(f'\nfrontier done in {result["seconds"]:.0f} s: {p.frontier} (one row per point), {p.pareto}, '
         f'{p.bounds}, {p.png}' + (f', {p.closed}, samples_*.png' if os.path.exists(p.closed) else '')
-        + f'\nTensorBoard: tensorboard --logdir {p.tb}')
+        + f'\nTensorBoard: tensorboard --logdir {p.tb}   (then open http://localhost:6006/?smoothing=0#timeseries)')
   if result['failed']:
     raise SystemExit('FAILED points (re-run the same command to retry them):\n  ' + '\n  '.join(result['failed']))
 

@@ -49,7 +49,7 @@ def evaluate_spec(kind: str, draws: Sequence[tuple[HardInstance, HardInstance]],
   """One frontier.csv row of the hard instance `kind`: `spec` at `budget` over every seed's draw."""
   t0 = time.perf_counter()
   g = draws[0][0].geometry
-  comp = spec.make(g, g.full_bits if budget == FULL_BUDGET else budget)
+  comp = spec.make(g, compress.Budget(g.full_bits) if budget == FULL_BUDGET else budget)
   errs, bits, lbb, minerr, shared = [], [], [], [], 0
   for inst, calib in draws:
     params = comp.init_params(jax.random.key(inst.seed), 1, 1,
@@ -73,7 +73,7 @@ def evaluate_spec(kind: str, draws: Sequence[tuple[HardInstance, HardInstance]],
   return {'dataset': kind, 'method': spec.name, 'family': cls.family, 'setting': spec.setting,
           'budget': budget, 'oracle': cls.oracle, 'learned': cls.learned, 'deployable': not cls.oracle,
           'budget_bits': comp.budget.bits, 'bits': int(max(bits)), 'bits_mean': float(np.mean(bits)),
-          **bits_columns(max(bits), g), 'shared_bits': shared, 'rel_error': err, 'rel_error_ci_low': low,
+          **bits_columns(max(bits), g, shared), 'rel_error': err, 'rel_error_ci_low': low,
           'rel_error_ci_high': high, 'num_sequences': len(draws), 'num_units': len(draws),
           'lower_bound_bits': float(np.mean(lbb)), 'min_error_at_bits': float(minerr.mean()),
           'seconds': time.perf_counter() - t0,

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 
 from compress.core.interface import Compressor
 from eval.sweep import MethodSpec
@@ -52,6 +53,13 @@ class Params:
     self.num_layers, self.num_heads = num_layers, num_heads
     self._cache: dict[Compressor, Any] = {}
 
+  def provenance(self) -> dict[str, str]:
+    """Fingerprints of this run's capture (trained compressors loaded from elsewhere must match)."""
+    if not hasattr(self, '_provenance'):
+      from var_jax.capture import fingerprint  # pylint: disable=g-import-not-at-top
+      self._provenance = fingerprint(self.capture_dir)
+    return self._provenance
+
   def calibration(self) -> Any:
     if callable(self._calibration):
       self._calibration = self._calibration()
@@ -76,9 +84,12 @@ class Params:
         raise FileNotFoundError(f'learned.checkpoint_root has no run {folder!r} for {spec} at '
                                 f'{comp.budget.bits} bits; train it with python -m train.compressor '
                                 f'--workdir {folder} ..., or leave checkpoint_root empty to train here')
-      trained, params = trainer.load_trained(folder)
+      trained, params = trainer.load_trained(folder, expect=self.provenance())
     else:
       folder = os.path.join(self.workdir, 'train', run_name(spec, comp))
+      if os.path.exists(os.path.join(folder, 'config.json')):
+        logging.info('%s at %d bits: reusing the trained run %s (resumed if unfinished)', spec,
+                     comp.budget.bits, folder)
       trained, params = trainer.train(train_config(self.config, spec, comp, self.capture_dir), folder)
     if trained != comp:
       diff = {f.name: (getattr(trained, f.name), getattr(comp, f.name))

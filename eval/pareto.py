@@ -1,4 +1,5 @@
-"""Pareto frontier: the lower envelope of error against bits, over all deployable points and per family.
+"""Pareto frontier: the lower envelope of error against amortised bits (per-head bits plus the point's
+share of its shared parameters), over all deployable points and per family.
 
 A point is on the frontier of a set when no other point of the set has at most its bits and at most
 its error with one of them strictly smaller. Sorted by bits the frontier's errors strictly decrease.
@@ -13,7 +14,9 @@ import numpy as np
 from eval.results import as_float
 
 COLUMNS = ('frontier', 'dataset', 'method', 'family', 'setting', 'budget', 'bits', 'bits_per_coordinate',
-           'fraction_of_fp16', 'rel_error', 'rel_error_ci_low', 'rel_error_ci_high')
+           'fraction_of_fp16', 'shared_bits', 'amortised_bits', 'amortised_bits_per_coordinate', 'rel_error',
+           'rel_error_ci_low', 'rel_error_ci_high')
+X = 'amortised_bits'       # a point's memory: per-head bits plus its share of the shared parameters
 
 
 def lower_envelope(bits: Sequence[float], err: Sequence[float]) -> list[int]:
@@ -33,7 +36,7 @@ def _truthy(v: Any) -> bool:
   return str(v).lower() in ('true', '1')
 
 
-def frontier_rows(rows: Sequence[Mapping[str, Any]], x: str = 'bits', y: str = 'rel_error'
+def frontier_rows(rows: Sequence[Mapping[str, Any]], x: str = X, y: str = 'rel_error'
                   ) -> list[dict[str, Any]]:
   """pareto.csv rows: per dataset, the envelope of all deployable rows ('all') and of each family."""
   out = []

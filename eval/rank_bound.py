@@ -9,8 +9,9 @@ scales and divided by sum |A|^2 it bounds the aggregate relative error the sweep
 
 m at a budget of b bits: 'values' counts fp16 value vectors only (keys free, as the rate-distortion
 bound): m = b // (D * 16); 'kv_entries' counts kept key+value entries: m = b // (2 D * 16). The bound
-holds for caches of full-precision entries (eviction, merging, synthetic entries); quantised or
-projected caches hold more vectors per bit and may go below it. When S >= D (large scales) P_s = 0
+holds for caches of full-precision entries (`ENTRY_FAMILIES`: eviction, merging, matching, window);
+quantised or projected caches hold more vectors per bit and may go below it, so it is drawn only
+against those families. When S >= D (large scales) P_s = 0
 and the scale contributes no bound.
 """
 from __future__ import annotations
@@ -21,8 +22,9 @@ import numpy as np
 
 from compress.core.budget import CacheGeometry
 from compress.theory import bounds
-from eval.sweep import CacheSet
+from eval.sweep import bits_columns, CacheSet
 
+ENTRY_FAMILIES = ('reference', 'eviction', 'merging', 'matching', 'window')   # what it bounds
 SETTINGS = {'values': 1, 'kv_entries': 2}     # vectors per entry: m = bits // (k * D * kv_bits)
 RESOLUTION = 1e-6       # relative errors below this are float32 rounding of the captured caches
 
@@ -85,7 +87,5 @@ def rows(bound: RankBound, geometry: CacheGeometry, budgets: Sequence[tuple[str,
       out.append({'dataset': dataset, 'method': 'rank_bound', 'family': 'bound', 'setting': setting,
                   'budget': label, 'oracle': False, 'learned': False, 'deployable': False,
                   'budget_bits': bits, 'bits': bits, 'bits_mean': float(bits),
-                  'bits_per_coordinate': bits / geometry.coordinates,
-                  'fraction_of_fp16': bits / geometry.fp16_bits, 'shared_bits': 0,
-                  'rel_error': bound.rel_error(m)})
+                  **bits_columns(bits, geometry), 'rel_error': bound.rel_error(m)})
   return out

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 import compress
 from compress.core.budget import CacheGeometry
@@ -28,13 +29,16 @@ from eval.metrics import ratio_ci
 
 # Columns of frontier.csv. bits: max over (layer, sequence, head) of the peak bits one head's cache
 # held between scales; bits_mean: their mean; shared_bits: parameters shared by every sequence
-# (projections), not in the per-head budget; rel_error: sqrt(sum |out - exact|^2 / sum |exact|^2)
-# over every output; lower_bound_bits / min_error_at_bits: rate-distortion bound (hard instance only).
+# (projections, scorers), not in the per-head budget; amortised_bits: bits + shared_bits spread over
+# every (served sequence, layer, head) (`served_sequences`: the x of the Pareto frontier, the plot,
+# TensorBoard and eval.compare); rel_error: sqrt(sum |out - exact|^2 / sum |exact|^2) over every
+# output; lower_bound_bits / min_error_at_bits: rate-distortion bound (hard instance only).
 COLUMNS = ('dataset', 'method', 'family', 'setting', 'budget', 'oracle', 'learned', 'deployable',
            'budget_bits', 'bits', 'bits_mean', 'bits_per_coordinate', 'fraction_of_fp16', 'shared_bits',
-           'rel_error', 'rel_error_ci_low', 'rel_error_ci_high', 'rel_error_per_layer',
+           'served_sequences', 'amortised_bits', 'amortised_bits_per_coordinate', 'rel_error', 'rel_error_ci_low', 'rel_error_ci_high', 'rel_error_per_layer',
            'rel_error_per_scale', 'num_sequences', 'num_units', 'lower_bound_bits', 'min_error_at_bits',
-           'seconds')
+           'seconds', 'warning')
+ZERO_ENTRIES = 'keeps 0 entries at this budget: every output comes from the current scale alone'
 KEY = ('dataset', 'method', 'setting', 'budget')
 FULL_BUDGET = 'full'      # the budget label of the full-cache reference point
 _SPEC = re.compile(r'^\s*([A-Za-z0-9_]+)\s*(?:\((.*)\))?\s*$')
@@ -170,14 +174,16 @@ def squared_errors(out_NBHLD: jax.Array, exact_NBHLD: jax.Array, patch_nums: Seq
 
 def run_point(comp: compress.Compressor, params: Any, data: CacheSet, batch: int) -> dict[str, np.ndarray]:
   """Runs `comp` teacher forced over every held-out sequence: d2, e2 (n, N, K), peak_bits (N, n, H)."""
-  d2, e2, bits = [], [], []
+  d2, e2, bits, entries = [], [], [], []
   for a, b in data.batches(batch):
     res = compress.run_teacher_forced(comp, params, *data.slice(a, b))
     x, y = squared_errors(res['out'], data.exact(a, b), data.patch_nums)
     d2.append(x)
     e2.append(y)
     bits.append(np.asarray(res['peak_bits']))
-  return {'d2': np.concatenate(d2), 'e2': np.concatenate(e2), 'peak_bits': np.concatenate(bits, axis=1)}
+    entries.append(-1 if res['peak_entries'] is None else int(np.asarray(res['peak_entries']).max()))
+  return {'d2': np.concatenate(d2), 'e2': np.concatenate(e2), 'peak_bits': np.concatenate(bits, axis=1),
+          'peak_entries': max(entries)}
 
 
 def summarize(d2_nNK: np.ndarray, e2_nNK: np.ndarray, units: np.ndarray, level: float) -> dict[str, Any]:
@@ -193,16 +199,25 @@ def summarize(d2_nNK: np.ndarray, e2_nNK: np.ndarray, units: np.ndarray, level: 
           'num_sequences': int(d2_nNK.shape[0]), 'num_units': int(d2_u.size)}
 
 
-def bits_columns(bits: float, geometry: CacheGeometry) -> dict[str, float]:
-  return {'bits_per_coordinate': bits / geometry.coordinates, 'fraction_of_fp16': bits / geometry.fp16_bits}
+def bits_columns(bits: float, geometry: CacheGeometry, shared_bits: int = 0, heads: int = 1,
+                 served_sequences: int = 1) -> dict[str, float]:
+  """Bits per coordinate, fraction of fp16, and the amortised bits: per-head `bits` plus `shared_bits`
+  (the whole parameter set, all `heads` = layers x heads) spread over `served_sequences` sequences."""
+  if served_sequences < 1 or heads < 1:
+    raise ValueError(f'served_sequences and heads must be >= 1, got {served_sequences}, {heads}')
+  amortised = bits + shared_bits / (heads * served_sequences)
+  return {'bits_per_coordinate': bits / geometry.coordinates, 'fraction_of_fp16': bits / geometry.fp16_bits,
+          'shared_bits': int(shared_bits), 'served_sequences': int(served_sequences),
+          'amortised_bits': amortised, 'amortised_bits_per_coordinate': amortised / geometry.coordinates}
 
 
 def evaluate_spec(spec: MethodSpec, budget: Any, data: CacheSet, geometry: CacheGeometry,
                   params_fn: Callable[[MethodSpec, compress.Compressor], Any], *, batch: int, level: float,
-                  dataset: str = 'val') -> dict[str, Any]:
-  """One frontier.csv row: `spec` at `budget` (FULL_BUDGET: the full cache) over `data`."""
+                  dataset: str = 'val', served_sequences: int = 0) -> dict[str, Any]:
+  """One frontier.csv row: `spec` at `budget` (FULL_BUDGET: the full cache) over `data`; shared bits
+  are amortised over `served_sequences` (0: the held-out sequences evaluated)."""
   t0 = time.perf_counter()
-  comp = spec.make(geometry, geometry.full_bits if budget == FULL_BUDGET else budget)
+  comp = spec.make(geometry, compress.Budget(geometry.full_bits) if budget == FULL_BUDGET else budget)
   params = params_fn(spec, comp)
   res = run_point(comp, params, data, batch)
   bits = float(res['peak_bits'].max())
@@ -210,8 +225,12 @@ def evaluate_spec(spec: MethodSpec, budget: Any, data: CacheSet, geometry: Cache
   if not np.isfinite(summary['rel_error']):
     raise FloatingPointError(f'{spec} at budget {budget}: non-finite attention outputs')
   cls = type(comp)
+  warning = ZERO_ENTRIES if res['peak_entries'] == 0 else ''
+  if warning:
+    logging.warning('%s at budget %s (%d bits): %s', spec, budget, comp.budget.bits, warning)
   return {'dataset': dataset, 'method': spec.name, 'family': cls.family, 'setting': spec.setting,
           'budget': budget, 'oracle': cls.oracle, 'learned': cls.learned, 'deployable': not cls.oracle,
           'budget_bits': comp.budget.bits, 'bits': int(bits), 'bits_mean': float(res['peak_bits'].mean()),
-          **bits_columns(bits, geometry), 'shared_bits': comp.shared_bits(params), **summary,
-          'seconds': time.perf_counter() - t0}
+          **bits_columns(bits, geometry, comp.shared_bits(params), data.num_layers * data.num_heads,
+                         served_sequences or data.num_sequences), **summary,
+          'seconds': time.perf_counter() - t0, 'warning': warning}

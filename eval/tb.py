@@ -1,45 +1,105 @@
-"""TensorBoard view of a frontier run (tensorboardX), re-created from the result tables.
+r"""TensorBoard view of a frontier run (tensorboardX), re-created from the result tables.
 
-Layout of `tb/` (open with `tensorboard --logdir WORKDIR/tb`):
-  <dataset>/     run per dataset ('val' = held-out captured caches; 'flat', 'var' = hard instances):
-                 scalars `frontier/<method>/<setting>` = rel_error and `bits_per_coordinate/<method>/
-                 <setting>` = bits actually kept, with step = budget_step (the requested budget in
-                 bits per cached coordinate x 1000, so 16000 = the fp16 cache), `pareto/all` (step =
-                 kept bits per coordinate x 1000), the figure `frontier` and images `samples/<method>`.
-  closed_loop/   scalars `closed_loop/<metric>/<method>/<setting>` (step = budget_step).
-  hparams/<point>/  one hparams session per point (method, setting, budget, ...; metrics rel_error,
-                 bits_per_coordinate, fraction_of_fp16).
-Tags use only [-/\\w.] (others become '_': `tag`). The directory is derived data: it is rebuilt in
-`tb.partial/` and swapped in when the tables changed (digest in `tb/.digest`), never appended to.
+  tensorboard --logdir WORKDIR/tb        then open http://localhost:6006/?smoothing=0#timeseries
+  python -m eval.tb WORKDIR [--force]    rebuilds WORKDIR/tb from the tables (e.g. a run of an older layout)
+
+The first screen (Time Series) is the frontier: every method's error against memory on one chart. A run
+is a curve (one colour on every chart); a tag is a chart overlaying every run that holds it. Guide with
+the screenshot: docs/tensorboard.md.
+x: TensorBoard steps are integers, so step = round(1000 x bits per cached coordinate), amortised as in
+frontier.png and pareto.csv (`x_of`; 1500 = 1.5 bits, 16000 = the fp16 cache); one point per step.
+Runs (directories of tb/):
+  <family>/<method>[.<setting>]   a method (eviction/snapkv, reference/full, ...): its points on the
+                                  frontier and family charts, its closed-loop metrics, its sample grid.
+  pareto                          the Pareto frontier of the chart's deployable methods, a staircase (a
+                                  corner 1 step before each next point): pareto.csv 'all' on
+                                  frontier/<dataset>, 'family:<f>' on per_family/<dataset>/<f>.
+  bound/<name>.<setting>          a bound (bounds.csv with the bound rows of frontier.csv), drawn only
+  reference/<name>.<setting>      against the families in its `applies_to`; a reference (applies_to
+                                  'reference', not a bound) against every method.
+  figures                         the matplotlib figure (image `plots/frontier/<dataset>`).
+Scalar tags (y = aggregate relative L2 error of attention outputs unless named), grouped by TensorBoard
+by the text before the first '/' and ordered by name, so that the frontier comes first (Time Series
+opens the first two groups; no group name is a prefix of another, which the Scalars tab misorders):
+  frontier/<dataset>              every method, pareto and the curves that hold for every method.
+  frontier/<dataset>/<bounds>     per set of families a bound is restricted to (the rank bound: caches of
+                                  full-precision entries): those methods, their pareto, those bounds.
+  generation/<metric>             closed loop (closed_loop.csv): token_agreement, kl, psnr, ssim against
+                                  full-cache generation; x of the teacher-forced point with the same
+                                  method, setting and budget (else 16 x cache_bytes_counted / fp16_cache_bytes).
+  per_family/<dataset>/<family>   a family's methods, its pareto and the curves that apply to it.
+Every tag carries a description (shown by the Scalars tab) of its x encoding.
+Images: `plots/frontier/<dataset>` (run figures) and `samples/<dataset>` (full cache | each budget, in
+the method's run). hparams: one session per point in the separate logdir WORKDIR/tb_hparams, out of the
+main run list (tensorboard --logdir WORKDIR/tb_hparams).
+Smoothing: TensorBoard's default 0.6 bends a 3-point curve and rounds the staircase; the URL parameter
+`?smoothing=0` (Time Series, then kept by the browser) or `#scalars&_smoothingWeight=0` (Scalars) sets 0.
+Tags and run names use only [-/\w.] (others become '_': `tag`). Both logdirs are derived data: rebuilt
+in `*.partial/` and swapped in when the tables or LAYOUT changed (`digest`, in `.digest`), never
+appended to; tb/.digest is written last.
 """
 from __future__ import annotations
 
+import collections
+import csv
 import hashlib
+import math
 import os
 import re
 import shutil
-from typing import Any, Mapping, Sequence
+import sys
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import tensorboardX
+from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboardX.proto.tensor_pb2 import TensorProto
+from tensorboardX.proto.types_pb2 import DT_FLOAT
 
+from eval import pareto as pareto_lib
 from eval.results import as_float
 
 DIGEST = '.digest'
-CLOSED_LOOP_METRICS = ('token_agreement', 'kl', 'psnr', 'ssim', 'cache_bytes_counted')
+LAYOUT = 2                     # part of the digest: a new layout rebuilds every run's tb/ once
+STEPS_PER_BIT = 1000
+CLOSED_LOOP_METRICS = ('token_agreement', 'kl', 'psnr', 'ssim')
+FIGURES_RUN = 'figures'
+PARETO_RUN = 'pareto'
+EVERY_METHOD = ('', 'all', 'reference')   # bounds.csv applies_to of a curve drawn against every method
+X = (f'x = step / {STEPS_PER_BIT} = amortised bits per cached coordinate (4000 = 4 bits, 16000 = the fp16 '
+     'cache). Set smoothing to 0 (URL ?smoothing=0).')
+DESCRIPTIONS = {
+    'frontier': 'Aggregate relative L2 error of attention outputs: every method (a run each), the Pareto '
+                'frontier of the deployable ones (run pareto, a staircase) and the bound or reference curves '
+                'that hold for them (runs bound/..., reference/...). ' + X,
+    'generation': 'Closed-loop generation against the full cache with the same labels and seeds '
+                  '(closed_loop.csv), at the x of the teacher-forced point. ' + X,
+    'per_family': 'One family: its methods, its Pareto frontier (run pareto) and the curves that apply to '
+                  'it. ' + X,
+}
 
 
 def tag(*parts: str) -> str:
   return '/'.join(re.sub(r'[^-\w.]', '_', str(p)) for p in parts)
 
 
-def budget_step(budget_bits: float, coordinates: int) -> int:
-  """Integer TensorBoard step of a budget: bits per cached coordinate x 1000."""
-  return int(round(1000 * float(budget_bits) / coordinates))
+def step_of(bits_per_coordinate: float) -> int:
+  """Integer TensorBoard step of an x value: bits per cached coordinate x 1000."""
+  return int(round(STEPS_PER_BIT * float(bits_per_coordinate)))
+
+
+def run_name(family: str, method: str, setting: str = 'default') -> str:
+  """Run of a method: '<family>/<method>' or '<family>/<method>.<setting>'."""
+  return tag(family, method if setting in ('', 'default') else f'{method}.{setting}')
+
+
+def hparams_dir(tb_dir: str) -> str:
+  """The separate hparams logdir next to `tb_dir` (WORKDIR/tb -> WORKDIR/tb_hparams)."""
+  return f'{tb_dir.rstrip(os.sep)}_hparams'
 
 
 def digest(paths: Sequence[str]) -> str:
-  sha = hashlib.sha256()
+  sha = hashlib.sha256(f'tb layout {LAYOUT}\n'.encode())
   for p in sorted(paths):
     sha.update(p.encode())
     if os.path.exists(p):
@@ -49,53 +109,230 @@ def digest(paths: Sequence[str]) -> str:
 
 
 def up_to_date(tb_dir: str, key: str) -> bool:
-  path = os.path.join(tb_dir, DIGEST)
-  return os.path.exists(path) and open(path).read().strip() == key
+  """Both logdirs were written from the tables with digest `key`."""
+  def ok(d):
+    path = os.path.join(d, DIGEST)
+    return os.path.exists(path) and open(path).read().strip() == key
+  return ok(tb_dir) and ok(hparams_dir(tb_dir))
+
+
+def read_table(path: str) -> list[dict[str, str]]:
+  """Rows of a CSV table ([] when it does not exist)."""
+  if not os.path.exists(path):
+    return []
+  with open(path, newline='') as f:
+    return list(csv.DictReader(f))
+
+
+def _points(pts: Iterable[tuple[float, float]]) -> list[tuple[int, float]]:
+  """(step, value) sorted by step, finite values only, one per step (TensorBoard drops a series' points
+  at steps >= a step written again): the lowest value of the points within that 0.001 bit."""
+  out: dict[int, float] = {}
+  for x, y in pts:
+    if math.isfinite(x) and math.isfinite(y):
+      out[step_of(x)] = min(y, out.get(step_of(x), math.inf))
+  return sorted(out.items())
+
+
+def _staircase(pts: list[tuple[int, float]]) -> list[tuple[int, float]]:
+  """Pareto points with a corner one step before each next point (the error reachable with at most
+  x bits is the last point's until the next point)."""
+  out = []
+  for i, (s, y) in enumerate(pts):
+    if i and s - 1 > out[-1][0]:
+      out.append((s - 1, out[-1][1]))
+    out.append((s, y))
+  return out
+
+
+def x_of(r: Mapping[str, Any]) -> float:
+  """A point's x, as frontier.png and pareto.csv: amortised bits per coordinate (per-head bits plus
+  the share of shared parameters), else (tables without that column) bits per coordinate."""
+  x = as_float(r, 'amortised_bits_per_coordinate')
+  return x if math.isfinite(x) else as_float(r, 'bits_per_coordinate')
+
+
+def curve_run(name: str, setting: str, applies_to: str = '') -> str:
+  """Run of a bounds.csv curve: 'reference/<name>.<setting>' for a reference, else 'bound/...'."""
+  return tag('reference' if applies_to == 'reference' else 'bound', f'{name}.{setting}')
+
+
+def _families_of(applies_to: str) -> frozenset[str] | None:
+  """The families a curve is drawn against; None: every method (a bound for all, or a reference)."""
+  return None if applies_to in EVERY_METHOD else frozenset(applies_to.split())
+
+
+def _pareto_of(rows: Sequence[Mapping[str, Any]]) -> list[tuple[float, float]]:
+  """(x, error) of the Pareto frontier of `rows` (as pareto.csv's 'all', over these rows only)."""
+  col = 'amortised_bits' if all(math.isfinite(as_float(r, 'amortised_bits')) for r in rows) else 'bits'
+  return [(x_of(r), as_float(r, 'rel_error')) for r in pareto_lib.frontier_rows(rows, x=col)
+          if r['frontier'] == 'all']
+
+
+def series(rows: Sequence[Mapping[str, Any]], pareto: Sequence[Mapping[str, Any]],
+           bounds: Sequence[Mapping[str, Any]], closed: Sequence[Mapping[str, Any]]
+           ) -> dict[tuple[str, str], list[tuple[int, float]]]:
+  """{(run, scalar tag): [(step, value), ...]} of the layout (see the module docstring)."""
+  xy = lambda r: (x_of(r), as_float(r, 'rel_error'))
+  curves: dict[tuple[str, str], list[tuple[float, float]]] = collections.defaultdict(list)  # (dataset, run)
+  applies: dict[tuple[str, str], frozenset[str] | None] = {}
+  def add_curve(dataset, run, r, applies_to):
+    curves[dataset, run].append(xy(r))
+    applies.setdefault((dataset, run), _families_of(applies_to))
+  for r in bounds:                                   # first: bounds.csv says where a curve applies
+    applies_to = r.get('applies_to') or 'all'
+    add_curve(r['dataset'], curve_run(r['bound'], r['setting'], applies_to), r, applies_to)
+  methods = collections.defaultdict(list)            # (dataset, run) -> [(x, y)]
+  family_of, rows_of = {}, collections.defaultdict(list)
+  for r in rows:
+    if r['family'] == 'bound':                       # frontier.csv's bound rows: the same curve, at the budgets
+      add_curve(r['dataset'], curve_run(r['method'], r['setting']), r, 'all')
+      continue
+    run = run_name(r['family'], r['method'], r['setting'])
+    methods[r['dataset'], run].append(xy(r))
+    family_of[run] = r['family']
+    rows_of[r['dataset'], r['family']].append(r)
+  out: dict[tuple[str, str], list[tuple[int, float]]] = {}
+  def chart(t, dataset, families, front, curve_filter):
+    for (d, run), pts in methods.items():
+      if d == dataset and (families is None or family_of[run] in families):
+        out[run, t] = _points(pts)
+    out[PARETO_RUN, t] = _staircase(_points(front))
+    for (d, run), pts in curves.items():
+      if d == dataset and curve_filter(applies[d, run]):
+        out[run, t] = _points(pts)
+  datasets = sorted({r['dataset'] for r in rows} | {d for d, _ in curves})
+  for d in datasets:
+    chart(tag('frontier', d), d, None, [xy(p) for p in pareto if p['dataset'] == d and p['frontier'] == 'all'],
+          lambda fams: fams is None)
+    restricted = collections.defaultdict(set)        # families -> names of the curves that hold only there
+    for (dd, run), fams in applies.items():
+      if dd == d and fams is not None:
+        restricted[fams].add(run.split('/', 1)[1].split('.', 1)[0])
+    for fams, names in sorted(restricted.items(), key=lambda kv: sorted(kv[1])):
+      mine = [r for f in fams for r in rows_of.get((d, f), [])]
+      chart(tag('frontier', d, '+'.join(sorted(names))), d, fams, _pareto_of(mine),
+            lambda f, fams=fams: f == fams)
+    for family in sorted({f for dd, f in rows_of if dd == d} - {'reference'}):
+      chart(tag('per_family', d, family), d, {family},
+            [xy(p) for p in pareto if p['dataset'] == d and p['frontier'] == f'family:{family}'],
+            lambda fams, family=family: fams is None or family in fams)
+  x_tf = {(r['method'], r['setting'], r['budget']): x_of(r) for r in rows if r['dataset'] == 'val'}
+  for m in CLOSED_LOOP_METRICS:
+    cl = collections.defaultdict(list)
+    for r in closed:
+      fp16 = as_float(r, 'fp16_cache_bytes')
+      x = x_tf.get((r['method'], r['setting'], r['budget']),
+                   16 * as_float(r, 'cache_bytes_counted') / fp16 if fp16 > 0 else math.nan)
+      cl[run_name(r['family'], r['method'], r['setting'])].append((x, as_float(r, m)))
+    for run, pts in cl.items():
+      out[run, tag('generation', m)] = _points(pts)
+  return {k: v for k, v in out.items() if v}
+
+
+def _method_runs(rows: Sequence[Mapping[str, Any]], closed: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+  """{method spec as in the sample grids' names ('m' or 'm(setting)'): run}."""
+  out = {}
+  for r in list(rows) + list(closed):
+    spec = r['method'] if r['setting'] in ('', 'default') else f"{r['method']}({r['setting']})"
+    out[spec] = run_name(r['family'], r['method'], r['setting'])
+  return out
+
+
+def _swap(tmp: str, dst: str) -> None:
+  if os.path.exists(dst):
+    stale = f'{dst.rstrip(os.sep)}.stale'
+    shutil.rmtree(stale, ignore_errors=True)
+    os.replace(dst, stale)
+    shutil.rmtree(stale)
+  os.replace(tmp, dst)
 
 
 def write(tb_dir: str, key: str, rows: Sequence[Mapping[str, Any]], pareto: Sequence[Mapping[str, Any]],
-          figures: Mapping[str, Any], images: Mapping[str, np.ndarray],
-          closed: Sequence[Mapping[str, Any]], coordinates: Mapping[str, int]) -> None:
-  """Rebuilds `tb_dir` from the tables. figures: dataset -> matplotlib figure; images: dataset/name ->
-  uint8 HWC grid; coordinates: dataset -> `CacheGeometry.coordinates` (closed loop: 'val')."""
+          bounds: Sequence[Mapping[str, Any]], closed: Sequence[Mapping[str, Any]],
+          figures: Mapping[str, Any], images: Mapping[str, np.ndarray]) -> None:
+  """Rebuilds `tb_dir` and `hparams_dir(tb_dir)` from the tables (rows of frontier.csv, pareto.csv,
+  bounds.csv, closed_loop.csv). figures: dataset -> matplotlib figure or uint8 HWC image; images:
+  '<dataset>/<method spec>' -> uint8 HWC sample grid."""
   tmp = f'{tb_dir.rstrip(os.sep)}.partial'
-  shutil.rmtree(tmp, ignore_errors=True)
-  for dataset in sorted({r['dataset'] for r in rows} | set(figures)):
-    w = tensorboardX.SummaryWriter(os.path.join(tmp, dataset))
-    pts = sorted((r for r in rows if r['dataset'] == dataset), key=lambda r: as_float(r, 'budget_bits'))
-    for r in pts:
-      step = budget_step(as_float(r, 'budget_bits'), coordinates[dataset])
-      w.add_scalar(tag('frontier', r['method'], r['setting']), as_float(r, 'rel_error'), step)
-      w.add_scalar(tag('bits_per_coordinate', r['method'], r['setting']),
-                   as_float(r, 'bits_per_coordinate'), step)
-    for r in (p for p in pareto if p['dataset'] == dataset and p['frontier'] == 'all'):
-      w.add_scalar('pareto/all', as_float(r, 'rel_error'),
-                   int(round(1000 * as_float(r, 'bits_per_coordinate'))))
-    if dataset in figures:
-      w.add_figure('frontier', figures[dataset], 0, close=False)
-    for name, img in sorted(images.items()):
-      if name.split('/', 1)[0] == dataset:
-        w.add_image(tag('samples', name.split('/', 1)[1]), img, 0, dataformats='HWC')
+  hp_dir = hparams_dir(tb_dir)
+  hp_tmp = f'{hp_dir}.partial'
+  for d in (tmp, hp_tmp):
+    shutil.rmtree(d, ignore_errors=True)
+  writers: dict[str, tensorboardX.SummaryWriter] = {}
+  def writer(run):
+    if run not in writers:
+      writers[run] = tensorboardX.SummaryWriter(os.path.join(tmp, *run.split('/')))
+    return writers[run]
+  for (run, t), pts in sorted(series(rows, pareto, bounds, closed).items()):
+    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name='scalars'),
+                           summary_description=DESCRIPTIONS[t.split('/', 1)[0]])
+    for i, (step, value) in enumerate(pts):      # the first event's metadata names plugin and description
+      v = Summary.Value(tag=t, tensor=TensorProto(dtype=DT_FLOAT, float_val=[value], tensor_shape={}),
+                        metadata=None if i else meta)      # float tensor: both data loaders read it
+      writer(run)._get_file_writer().add_summary(Summary(value=[v]), step)  # pylint: disable=protected-access
+  for name, fig in sorted(figures.items()):
+    if isinstance(fig, np.ndarray):
+      writer(FIGURES_RUN).add_image(tag('plots', 'frontier', name), fig, 0, dataformats='HWC')
+    else:
+      writer(FIGURES_RUN).add_figure(tag('plots', 'frontier', name), fig, 0, close=False)
+  runs = _method_runs(rows, closed)
+  for name, img in sorted(images.items()):
+    dataset, spec = name.split('/', 1)
+    writer(runs.get(spec, tag('other', spec))).add_image(tag('samples', dataset), img, 0, dataformats='HWC')
+  for w in writers.values():
     w.close()
-  if closed:
-    w = tensorboardX.SummaryWriter(os.path.join(tmp, 'closed_loop'))
-    for r in sorted(closed, key=lambda r: as_float(r, 'budget_bits')):
-      step = budget_step(as_float(r, 'budget_bits'), coordinates['val'])
-      for m in CLOSED_LOOP_METRICS:
-        w.add_scalar(tag('closed_loop', m, r['method'], r['setting']), as_float(r, m), step)
-    w.close()
-  hp = tensorboardX.SummaryWriter(os.path.join(tmp, 'hparams'))
+  os.makedirs(tmp, exist_ok=True)
+  hp = tensorboardX.SummaryWriter(hp_tmp)
   for r in rows:
     name = tag('_'.join([r['dataset'], r['method'], r['setting'], r['budget']]))
     hparams = {k: str(r[k]) for k in ('dataset', 'method', 'family', 'setting', 'budget', 'oracle')}
-    metrics = {k: as_float(r, k) for k in ('rel_error', 'bits_per_coordinate', 'fraction_of_fp16')}
+    metrics = {k: as_float(r, k) for k in ('rel_error', 'bits_per_coordinate', 'amortised_bits_per_coordinate',
+                                           'fraction_of_fp16') if r.get(k) not in (None, '')}
     hp.add_hparams(hparams, metrics, name=name)
   hp.close()
-  with open(os.path.join(tmp, DIGEST), 'w') as f:
-    f.write(key + '\n')
-  if os.path.exists(tb_dir):
-    stale = f'{tb_dir.rstrip(os.sep)}.stale'
-    shutil.rmtree(stale, ignore_errors=True)
-    os.replace(tb_dir, stale)
-    shutil.rmtree(stale)
-  os.replace(tmp, tb_dir)
+  for d in (tmp, hp_tmp):
+    with open(os.path.join(d, DIGEST), 'w') as f:
+      f.write(key + '\n')
+  _swap(hp_tmp, hp_dir)
+  _swap(tmp, tb_dir)            # last: tb/.digest marks the pair complete
+
+
+def rebuild(workdir: str, force: bool = False) -> bool:
+  """Rebuilds WORKDIR/tb (and tb_hparams) from the run's tables, frontier.png and samples_*.png as
+  `eval.frontier` would; returns False when they were up to date (and not `force`)."""
+  from eval.frontier import Paths  # pylint: disable=g-import-not-at-top  (eval.frontier imports this module)
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  paths = Paths(workdir)
+  if not os.path.exists(paths.frontier):
+    raise FileNotFoundError(f'{paths.frontier} does not exist: not a finished eval.frontier run')
+  key = digest([paths.frontier, paths.closed, paths.bounds])
+  if not force and up_to_date(paths.tb, key):
+    return False
+  rows, closed = read_table(paths.frontier), read_table(paths.closed)
+  datasets = sorted({r['dataset'] for r in rows})
+  figures = {}
+  if os.path.exists(paths.png):
+    png = np.asarray(Image.open(paths.png).convert('RGB'))
+    figures = {datasets[0] if len(datasets) == 1 else 'all': png}
+  grids = {}
+  for spec in _method_runs([], closed):
+    path = os.path.join(workdir, f'samples_{tag(spec).replace("/", "_")}.png')
+    if os.path.exists(path):                            # saved at scale 2 (nearest)
+      grids[f'val/{spec}'] = np.asarray(Image.open(path).convert('RGB'))[::2, ::2]
+  write(paths.tb, key, rows, read_table(paths.pareto), read_table(paths.bounds), closed, figures, grids)
+  return True
+
+
+def main(argv: Sequence[str]) -> None:
+  args = [a for a in argv if a != '--force']
+  if len(args) != 1:
+    raise SystemExit('usage: python -m eval.tb WORKDIR [--force]   (rebuilds WORKDIR/tb from the tables)')
+  tb_dir = os.path.join(args[0], 'tb')
+  done = rebuild(args[0], force='--force' in argv)
+  print(f'{"rebuilt" if done else "up to date:"} {tb_dir}\nTensorBoard: tensorboard --logdir {tb_dir}  '
+        '(open http://localhost:6006/?smoothing=0#timeseries)')
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

@@ -133,4 +133,4 @@ def test_scalekv_layerwise_total_bits_and_uniform_equivalence():
   np.testing.assert_allclose(a['out'], b['out'], rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(a['bits'], b['bits'])
   with pytest.raises(ValueError, match='allocate'):
-    LayerwiseCompressor(g, budget, (compress.make('scalekv', g, budget.bits + 1000),) * 2)
+    LayerwiseCompressor(g, budget, (compress.make('scalekv', g, Budget(budget.bits + 1000)),) * 2)

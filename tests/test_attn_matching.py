@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from compress.core.budget import CacheGeometry
+from compress.core.budget import Budget, CacheGeometry
 from compress.core.registry import make
 from compress.core.synthetic import var_like_qkv
 from compress.matching.attn_matching import match_block, nnls_projected_gradient
@@ -137,7 +137,8 @@ def random_qkv(seed, L, D, B=2, H=3, scale=8.0):
   return q, k, rng.standard_normal((B, H, L, D)).astype(np.float32)
 
 
-@pytest.mark.parametrize('budget,settings', [(0, {}), (600, {'bias_dtype': 'float32'}), (0.3, {})])
+@pytest.mark.parametrize('budget,settings', [(Budget(0), {}), (Budget(600), {'bias_dtype': 'float32'}),
+                                             (0.3, {})])
 def test_budget_and_finite(budget, settings):
   D = 16
   g = CacheGeometry(PN, head_dim=D)

@@ -23,7 +23,7 @@ def test_geometry_matches_var_256px_schedule():
 
 
 @pytest.mark.parametrize('spec,bits', [('25%', 0.25 * 868352), (0.5, 0.5 * 868352),
-                                       ('2bpc', 2 * 54272), ('1000bits', 1000), (123, 123)])
+                                       ('2bpc', 2 * 54272), ('1000bits', 1000), ('123bits', 123)])
 def test_budget_parse(spec, bits):
   b = Budget.parse(spec, G256)
   assert b.bits == int(bits)
@@ -35,6 +35,74 @@ def test_budget_parse(spec, bits):
 def test_budget_errors_name_the_fix(bad):
   with pytest.raises(ValueError, match='budget|fraction'):
     Budget.parse(bad, G256)
+
+
+# ---- strict budget specs: every spec carries its unit --------------------------------------------
+FORMS = ("'25%'", '0.25', "'2bpc'", "'100000bits'")    # what every refusal must show
+G_ODD = CacheGeometry((1, 3), head_dim=3)              # 1 cached token: 6 coordinates, 96 fp16 bits
+
+
+@pytest.mark.parametrize('geometry,spec,bits', [
+    (G256, '25%', 868352 // 4), (G256, 0.25, 868352 // 4), (G256, '12.5%', 868352 // 8),
+    (G256, '100%', 868352), (G256, 1.0, 868352), (G256, '2bpc', 2 * 54272), (G256, '2.5bpc', 135680),
+    (G256, '100000bits', 100000), (G256, ' 2BPC ', 2 * 54272), (G256, '1e5bits', 100000),
+    (G_ODD, '33%', 31), (G_ODD, 0.33, 31), (G_ODD, '2.5bpc', 15)])
+def test_budget_forms_give_exact_bits(geometry, spec, bits):
+  """'P%' and P/100 = floor(P/100 * fp16_bits); 'Xbpc' = floor(X * coordinates); 'Nbits' = N."""
+  assert geometry.fp16_bits == geometry.coordinates * 16
+  assert Budget.parse(spec, geometry) == Budget(bits)
+
+
+def test_budget_percent_is_of_fp16_whatever_the_kv_dtype():
+  """A float32 geometry's full cache is twice the fp16 yardstick: reachable in bits, not as a share."""
+  g32 = CacheGeometry(G256.patch_nums, head_dim=64, kv_dtype='float32')
+  assert g32.full_bits == 2 * g32.fp16_bits
+  assert Budget.parse('25%', g32).bits == Budget.parse('25%', G256).bits == 868352 // 4
+  assert Budget.parse('100%', g32).bits == g32.fp16_bits
+  assert Budget.parse(f'{g32.full_bits}bits', g32).bits == g32.full_bits
+  assert Budget.parse('32bpc', g32).bits == g32.full_bits
+  assert compress.make('window', g32, Budget(g32.full_bits)).passthrough
+
+
+@pytest.mark.parametrize('bad', [
+    25, 123, np.int64(5), True, False, '25', '0.25', ' 7 ',       # bare numbers: no unit
+    2.0, 25.0, 1.0000001, '150%', '100.5%',                       # above the whole fp16 cache
+    0.0, -0.25, '0%', '-5%', '0bits', '-3bits', '0bpc', '-1bpc',  # zero or negative
+    float('nan'), 'nan%', 'inf%', 'infbits',                      # not finite
+    '2.5bits', 'lots', '25 percent', '%', 'bits', '', None])      # not whole bits, no unit, no number
+def test_budget_refusals_list_the_accepted_forms(bad):
+  with pytest.raises(ValueError) as e:
+    Budget.parse(bad, G256)
+  msg = str(e.value)
+  assert msg.startswith(f'cannot read budget {bad!r}'), msg
+  for form in FORMS:
+    assert form in msg, (form, msg)
+
+
+def test_make_refuses_bare_numbers_and_takes_budgets():
+  with pytest.raises(ValueError, match=r"cannot read budget 1000: .*'100000bits'"):
+    compress.make('window', G256, 1000)
+  with pytest.raises(ValueError, match=r"cannot read budget '25': .*'25%'"):
+    compress.make('window', G256, '25')
+  b = Budget(1000)                                       # a Budget object passes as it is
+  assert compress.make('window', G256, b).budget is b and Budget.parse(b, G256) is b
+  assert compress.make('window', G256, '1000bits').budget == b
+
+
+def test_budget_of_bits_is_a_whole_non_negative_number():
+  assert Budget(0).bits == 0 and Budget(np.int64(7)).bits == 7   # Budget(bits) directly: 0 allowed
+  for bad in (-1, 1.5, True, '100'):
+    with pytest.raises(ValueError, match='whole number of bits'):
+      Budget(bad)
+
+
+def test_hard_sweep_cli_budgets():
+  from compress.theory.hard_sweep import _budget_spec
+  assert _budget_spec('5%') == '5%' and _budget_spec('2bpc') == '2bpc' and _budget_spec('100bits') == '100bits'
+  assert _budget_spec('0.05') == 0.05 and _budget_spec('1') == 1.0   # a bare number: a fraction in (0, 1]
+  for bad in ('25', '0', '-0.1', '1.5'):
+    with pytest.raises(ValueError, match=r'fraction of the fp16 cache in \(0, 1\].*"25%"'):
+      _budget_spec(bad)
 
 
 def test_bad_geometry_and_unknown_compressor():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import var_jax
-from eval import samples
+from eval import classifier, samples
 from var_jax import default_model
 from var_jax.data import CLASS_NAMES, builtin_dataset
 
@@ -58,10 +58,10 @@ def test_missing_and_corrupt_assets_give_clear_errors(tmp_path):
 def test_degrade_keeps_flat_images_and_blurs_edges():
   key = jax.random.key(0)
   flat = jnp.full((4, 8, 8, 3), 0.3)
-  out = samples.degrade(key, flat, max_noise=0.0)
+  out = classifier.degrade(key, flat, max_noise=0.0)
   np.testing.assert_allclose(np.asarray(out), 0.3, atol=1e-6)          # a blur of a constant is the constant
   edge = jnp.zeros((1, 8, 8, 3)).at[:, :, 4:].set(1.0)
-  blurred = np.asarray(samples.degrade(key, edge, max_sigma=1.5, max_noise=0.0))
+  blurred = np.asarray(classifier.degrade(key, edge, max_sigma=1.5, max_noise=0.0))
   np.testing.assert_allclose(blurred.mean(), 0.5, atol=0.02)
   assert blurred[0, 4, 3, 0] > 0 and blurred[0, 4, 4, 0] < 1            # the step got softer
 

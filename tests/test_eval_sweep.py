@@ -62,7 +62,7 @@ def test_errors_per_sequence_sum_to_the_library_aggregate(data):
 def test_rows_hold_the_budget_and_full_budget_is_exact(data, dtype):
   g = CacheGeometry(PN, D, dtype)
   rows = [sweep.evaluate_spec(sweep.MethodSpec.parse(m), b, data, g, no_params, batch=6, level=0.95)
-          for m, b in [('window', '25%'), ('kivi', '25%'), ('tome', '10%'), ('snapkv', g.full_bits),
+          for m, b in [('window', '25%'), ('kivi', '25%'), ('tome', '10%'), ('snapkv', f'{g.full_bits}bits'),
                        ('full', sweep.FULL_BUDGET)]]
   for r in rows:
     assert set(r) <= set(sweep.COLUMNS)
@@ -109,3 +109,11 @@ def test_rank_bound_matches_brute_force_and_bounds_entry_caches(data):
   rows = rank_bound.rows(bound, g, [('20%', int(0.2 * g.fp16_bits))])
   assert [r['setting'] for r in rows] == ['values', 'kv_entries']
   assert rows[0]['rel_error'] <= rows[1]['rel_error']       # values-only counts more vectors per bit
+
+
+def test_a_budget_that_keeps_no_entry_is_flagged(data):
+  g = CacheGeometry(PN, D)
+  spec = sweep.MethodSpec.parse('window')
+  empty = sweep.evaluate_spec(spec, '64bits', data, g, no_params, batch=6, level=0.95)
+  assert empty['warning'] == sweep.ZERO_ENTRIES
+  assert sweep.evaluate_spec(spec, '50%', data, g, no_params, batch=6, level=0.95)['warning'] == ''

@@ -73,16 +73,48 @@ def test_hard_frontier_respects_the_rate_distortion_bound_and_resumes(tmp_path, 
   check_pareto(rows, read_csv(os.path.join(workdir, 'pareto.csv')))
   bounds = read_csv(os.path.join(workdir, 'bounds.csv'))
   assert {b['dataset'] for b in bounds} == {'flat', 'var'} and {b['bound'] for b in bounds} == {'rate_distortion'}
-  for f in ('frontier.png', 'tb/flat', 'tb/var', 'tb/hparams'):
+  for f in ('frontier.png', 'tb/.digest', 'tb/pareto', 'tb/reference/full', 'tb/bound/rate_distortion.keys_free',
+            'tb_hparams/.digest'):
     assert os.path.exists(os.path.join(workdir, f)), f
   before = open(os.path.join(workdir, 'frontier.csv')).read()
   calls.clear()
   frontier.run(hard_config(), workdir)                             # resume: nothing recomputed
   assert calls == [] and open(os.path.join(workdir, 'frontier.csv')).read() == before
-  changed = hard_config()
-  changed.hard.budgets = ('25%',)
+  extended = hard_config()                                         # a new budget: only its points run
+  extended.hard.budgets = ('50%', '25%')
+  frontier.run(extended, workdir)
+  assert sorted((str(s), b) for s, b in calls) == [(m, '25%') for m in ('kivi', 'kivi', 'window', 'window')]
+  after = open(os.path.join(workdir, 'frontier.csv')).read()
+  assert after.startswith(before) and len(read_csv(os.path.join(workdir, 'frontier.csv'))) == 10
+  changed = hard_config()                                          # another instance: refused
+  changed.hard.n = 25
   with pytest.raises(ValueError, match='different config'):
     frontier.run(changed, workdir)
+  assert open(os.path.join(workdir, 'frontier.csv')).read() == after
+
+
+def test_workdir_guard_extends_and_guards_code(tmp_path):
+  """Extendable keys may change; other keys and a change of package sources are refused, with the flag
+  that forces each; nothing is deleted."""
+  import ml_collections
+  from train import workdir_guard
+  cfg = lambda **kw: ml_collections.ConfigDict({'sweep': {'methods': ('a',), 'val_sequences': 4},
+                                                'overwrite': False, 'allow_code_change': False, **kw})
+  wd = str(tmp_path / 'run')
+  assert workdir_guard.prepare_workdir(wd, cfg(), '{}', extendable=('sweep.methods',), code_sha256='c1') == []
+  more = cfg(sweep={'methods': ('a', 'b'), 'val_sequences': 4})
+  ext = workdir_guard.prepare_workdir(wd, more, '{}', extendable=('sweep.methods',), code_sha256='c1')
+  assert len(ext) == 1 and ext[0].startswith('sweep.methods')
+  with pytest.raises(ValueError, match='different config'):
+    workdir_guard.prepare_workdir(wd, cfg(sweep={'methods': ('a', 'b'), 'val_sequences': 8}), '{}',
+                                  extendable=('sweep.methods',), code_sha256='c1')
+  with pytest.raises(ValueError, match='allow_code_change'):
+    workdir_guard.prepare_workdir(wd, more, '{}', extendable=('sweep.methods',), code_sha256='c2')
+  more.allow_code_change = True
+  workdir_guard.prepare_workdir(wd, more, '{}', extendable=('sweep.methods',), code_sha256='c2')
+  assert json.load(open(os.path.join(wd, 'config.json')))['code_sha256'] == 'c2'
+  fp = workdir_guard.source_fingerprint()
+  assert len(fp) == 64 and fp == workdir_guard.source_fingerprint()
 
 
 def test_configs_are_valid():
@@ -208,7 +240,7 @@ def test_model_frontier_resumes_and_refuses_another_config(model_run, monkeypatc
   assert frontier.run(tiny_model_config(), model_run)['failed'] == []
   assert {f: open(os.path.join(model_run, f)).read() for f in before} == before
   changed = tiny_model_config()
-  changed.sweep.budgets = ('10%',)
+  changed.sweep.val_sequences += 1
   with pytest.raises(ValueError, match='different config'):
     frontier.run(changed, model_run)
 
@@ -226,41 +258,153 @@ def _get(port, path, **params):
   return body if path.endswith('individualImage') else json.loads(body)
 
 
+def _read_tb(logdir):
+  """{run: {tag: {step: value}}} of the scalars and {run: set of image tags} under `logdir`."""
+  from tensorboard.backend.event_processing import plugin_event_multiplexer
+  from tensorboard.util import tensor_util
+  mux = plugin_event_multiplexer.EventMultiplexer()
+  mux.AddRunsFromDirectory(logdir)
+  mux.Reload()
+  scalars = {run: {t: {e.step: tensor_util.make_ndarray(e.tensor_proto).item() for e in mux.Tensors(run, t)}
+                   for t in tags}
+             for run, tags in mux.PluginRunToTagToContent('scalars').items()}
+  images = {run: set(tags) for run, tags in mux.PluginRunToTagToContent('images').items()}
+  return scalars, images, mux
+
+
+def _tb_tables():
+  """Small frontier tables: 2 datasets' worth of kinds of rows (methods, oracle, bound rows), bounds
+  restricted to some families and a reference, one closed-loop point."""
+  from eval import pareto
+  def row(method, family, budget, bpc, err, deployable=True, setting='default', amortised=None):
+    bits = int(bpc * 100)
+    return {'dataset': 'val', 'method': method, 'family': family, 'setting': setting, 'budget': budget,
+            'oracle': str(not deployable), 'deployable': str(deployable), 'bits': str(bits),
+            'bits_per_coordinate': str(bpc), 'fraction_of_fp16': str(bpc / 16), 'rel_error': str(err),
+            'amortised_bits': str(bits if amortised is None else int(amortised * 100)),
+            'amortised_bits_per_coordinate': str(bpc if amortised is None else amortised)}
+  rows = [row('full', 'reference', 'full', 16.0, 1e-4), row('window', 'window', '10%', 1.6, 0.3),
+          row('window', 'window', '25%', 4.0, 0.2), row('kivi', 'quantization', '10%', 1.5, 0.1),
+          row('kivi', 'quantization', '25%', 3.9, 0.05, setting='bits=2', amortised=4.1),
+          row('oracle', 'eviction', '10%', 1.6, 0.25, deployable=False),
+          row('rank_bound', 'bound', '10%', 1.6, 0.01, deployable=False, setting='values')]
+  front = pareto.frontier_rows(rows)
+  curve = lambda name, setting, applies_to, pts: [
+      {'dataset': 'val', 'bound': name, 'setting': setting, 'applies_to': applies_to,
+       'bits_per_coordinate': str(x), 'rel_error': str(e)} for x, e in pts]
+  bounds = (curve('rank_bound', 'values', 'reference window', ((0.0, 0.5), (1.0, 0.02), (2.0, 0.0)))
+            + curve('gaussian_ideal_code', 'keys_free', 'reference', ((0.5, 0.2), (3.0, 0.04))))
+  closed = [{'method': 'window', 'family': 'window', 'setting': 'default', 'budget': '25%',
+             'token_agreement': '0.7', 'kl': '0.5', 'psnr': '30.0', 'ssim': '0.9',
+             'cache_bytes_counted': '1.0', 'fp16_cache_bytes': '8.0'}]
+  return rows, front, bounds, closed
+
+
+def test_tensorboard_layout_from_tables(tmp_path, monkeypatch):
+  """tb.write: one shared frontier tag holding a run per method, pareto (a staircase) and the curves
+  that hold for every method; restricted bounds on their own chart and their families' charts; closed
+  loop at the teacher-forced x; images; hparams in a separate logdir; a digest that covers the layout."""
+  rows, front, bounds, closed = _tb_tables()
+  tb_dir = str(tmp_path / 'tb')
+  img = np.zeros((8, 8, 3), np.uint8)
+  key = tb.digest([])
+  tb.write(tb_dir, key, rows, front, bounds, closed, {'val': img}, {'val/window': img})
+  assert tb.up_to_date(tb_dir, key) and sorted(os.listdir(tmp_path)) == ['tb', 'tb_hparams']   # no leftovers
+  monkeypatch.setattr(tb, 'LAYOUT', tb.LAYOUT + 1)
+  assert tb.digest([]) != key                                # a new layout rebuilds old runs' tb/
+  scalars, images, mux = _read_tb(tb_dir)
+  methods = {'reference/full', 'window/window', 'quantization/kivi', 'quantization/kivi.bits_2',
+             'eviction/oracle'}
+  curves = {'bound/rank_bound.values', 'reference/gaussian_ideal_code.keys_free'}
+  assert set(scalars) == methods | curves | {'pareto'} and set(mux.Runs()) == set(scalars) | {'figures'}
+  holds = lambda t: {run for run, tags in scalars.items() if t in tags}
+  assert holds('frontier/val') == methods | {'pareto', 'reference/gaussian_ideal_code.keys_free'}
+  assert holds('frontier/val/rank_bound') == {'reference/full', 'window/window', 'pareto',
+                                              'bound/rank_bound.values'}
+  assert holds('per_family/val/quantization') == {'quantization/kivi', 'quantization/kivi.bits_2', 'pareto',
+                                                  'reference/gaussian_ideal_code.keys_free'}
+  assert 'bound/rank_bound.values' in holds('per_family/val/window')
+  for r in rows[:-1]:
+    got = scalars[tb.run_name(r['family'], r['method'], r['setting'])]['frontier/val']
+    assert got[tb.step_of(tb.x_of(r))] == pytest.approx(float(r['rel_error']), rel=1e-6)
+  assert 4100 in scalars['quantization/kivi.bits_2']['frontier/val']          # x: amortised bits
+  # pareto.csv's points, each held until 1 step (0.001 bit) before the next: a staircase
+  assert scalars['pareto']['frontier/val'] == pytest.approx(
+      {1500: 0.1, 4099: 0.1, 4100: 0.05, 15999: 0.05, 16000: 1e-4}, rel=1e-6)
+  assert scalars['bound/rank_bound.values']['frontier/val/rank_bound'] == pytest.approx(
+      {0: 0.5, 1000: 0.02, 1600: 0.01, 2000: 0.0}, rel=1e-6)                  # bounds.csv + the bound row
+  assert scalars['window/window']['generation/psnr'] == pytest.approx({4000: 30.0})
+  tags = sorted({t for run in scalars.values() for t in run})
+  assert tags[0] == 'frontier/val'
+  groups = {t.split('/')[0] for t in tags}
+  assert not [(a, b) for a in groups for b in groups if a != b and b.startswith(a)]   # Scalars tab order
+  assert 'step / 1000' in mux.SummaryMetadata('pareto', 'frontier/val').summary_description
+  assert images == {'figures': {'plots/frontier/val'}, 'window/window': {'samples/val'}}
+  hp = sorted(os.listdir(tmp_path / 'tb_hparams'))
+  assert len([d for d in hp if os.path.isdir(tmp_path / 'tb_hparams' / d)]) == len(rows)
+
+
 @pytest.mark.slow
-def test_tensorboard_serves_the_frontier(model_run):
+@pytest.mark.parametrize('load_fast', ['false', 'true'])
+def test_tensorboard_serves_the_frontier(model_run, load_fast):
+  """A real TensorBoard (both data loaders): the frontier is one tag, first in order, holding a run per
+  method, pareto and the reference; the rank bound on its chart; no hparams runs; images."""
   logdir = os.path.join(model_run, 'tb')
+  rows = read_csv(os.path.join(model_run, 'frontier.csv'))
+  methods = {tb.run_name(r['family'], r['method'], r['setting']) for r in rows if r['family'] != 'bound'}
+  bounds = read_csv(os.path.join(model_run, 'bounds.csv'))
+  curves = {tb.curve_run(b['bound'], b['setting'], b['applies_to']): b['applies_to'] for b in bounds}
   port = _free_port()
   proc = subprocess.Popen([sys.executable, '-m', 'tensorboard.main', '--logdir', logdir, '--host',
-                           '127.0.0.1', '--port', str(port), '--load_fast=false', '--reload_interval=1'],
+                           '127.0.0.1', '--port', str(port), f'--load_fast={load_fast}', '--reload_interval=1'],
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   try:
     deadline, tags = time.time() + 120, {}
     while time.time() < deadline:
       try:
         tags = _get(port, '/data/plugin/scalars/tags')
-        if 'val' in tags and 'closed_loop' in tags:
+        if set(tags) >= methods | {'pareto'} | set(curves):
           break
       except OSError:
         pass
       assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
       time.sleep(1)
-    rows = read_csv(os.path.join(model_run, 'frontier.csv'))
-    coords = CacheGeometry((1, 2, 3, 4), 64).coordinates
+    runs = _get(port, '/data/runs')
+    assert not [r for r in runs if 'hparams' in r]                    # hparams: WORKDIR/tb_hparams
+    assert set(runs) == methods | {'pareto', 'figures'} | set(curves)
+    assert min(t for run in tags.values() for t in run) == 'frontier/val'
+    shared = {run for run, t in tags.items() if 'frontier/val' in t}   # one chart: a run per method
+    assert shared == methods | {'pareto'} | {c for c, a in curves.items() if a in tb.EVERY_METHOD}
+    assert 'step / 1000' in tags['pareto']['frontier/val']['description']
+    series = lambda run, t: {step: v for _, step, v in _get(port, '/data/plugin/scalars/scalars', run=run, tag=t)}
     for r in rows:
-      name = tb.tag('frontier', r['method'], r['setting'])
-      assert name in tags['val'], (name, sorted(tags['val']))
-      series = _get(port, '/data/plugin/scalars/scalars', run='val', tag=name)
-      values = {step: value for _, step, value in series}
-      assert values[tb.budget_step(float(r['budget_bits']), coords)] == pytest.approx(float(r['rel_error']),
-                                                                                       rel=1e-6, abs=1e-12)
-    runs = _get(port, '/data/runs')       # the hparams dashboard: one session (run) per point
-    assert len([r for r in runs if r.startswith('hparams/')]) == len(rows)
+      if r['family'] != 'bound':
+        got = series(tb.run_name(r['family'], r['method'], r['setting']), 'frontier/val')
+        assert got[tb.step_of(tb.x_of(r))] == pytest.approx(float(r['rel_error']), rel=1e-6, abs=1e-12)
+    got = series('pareto', 'frontier/val')
+    for p in read_csv(os.path.join(model_run, 'pareto.csv')):
+      if p['frontier'] == 'all':
+        assert got[tb.step_of(tb.x_of(p))] == pytest.approx(float(p['rel_error']), rel=1e-6, abs=1e-12)
+    assert 'rank_bound' in {c.split('/')[1].split('.')[0] for c in curves}
+    lowest = {}                # bounds.csv and frontier.csv's bound rows; one point per step: the lowest
+    for run, b in ([(tb.curve_run(b['bound'], b['setting'], b['applies_to']), b) for b in bounds]
+                   + [(tb.curve_run(r['method'], r['setting']), r) for r in rows if r['family'] == 'bound']):
+      k = (run, tb.step_of(float(b['bits_per_coordinate'])))
+      lowest[k] = min(float(b['rel_error']), lowest.get(k, np.inf))
+    for (run, step), err in lowest.items():
+      t = 'frontier/val/rank_bound' if run.startswith('bound/rank_bound') else 'frontier/val'
+      assert series(run, t)[step] == pytest.approx(err, rel=1e-6, abs=1e-7)
+    assert 'frontier/val' not in tags['bound/rank_bound.values']       # drawn only where it holds
     images = _get(port, '/data/plugin/images/tags')
-    assert {'frontier', 'samples/window'} <= set(images['val'])
-    for t in ('frontier', 'samples/window'):
-      (entry,) = _get(port, '/data/plugin/images/images', run='val', tag=t, sample=0)
+    (cl,) = read_csv(os.path.join(model_run, 'closed_loop.csv'))      # window
+    window = tb.run_name(cl['family'], cl['method'], cl['setting'])
+    assert set(images['figures']) == {'plots/frontier/val'} and set(images[window]) == {'samples/val'}
+    for run, t in (('figures', 'plots/frontier/val'), (window, 'samples/val')):
+      (entry,) = _get(port, '/data/plugin/images/images', run=run, tag=t, sample=0)
       png = _get(port, '/data/plugin/images/individualImage', **dict(urllib.parse.parse_qsl(entry['query'])))
       assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 1000
   finally:
     proc.kill()
     proc.wait(timeout=30)
+  sessions = [d for d in os.listdir(os.path.join(model_run, 'tb_hparams')) if not d.startswith(('.', 'events'))]
+  assert len(sessions) == len(rows)

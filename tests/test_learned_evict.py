@@ -96,7 +96,7 @@ def test_init_keeps_what_the_heuristic_keeps(data, rule):
   q, k, v = (x[0, :2] for x in (q, k, v))
   comp = compress.make('evict_learned', G, Budget(16 + 4 * ENTRY), init_rule=rule, **STORE)
   assert comp.capacity == 4
-  heur = compress.make(rule, G, 0.0)
+  heur = compress.make(rule, G, Budget(0))
   heur = compress.make(rule, G, Budget(16 + 4 * heur.layout().entry_bits()))   # the same capacity
   assert heur.capacity == 4
   out, states = _run(comp, _layer(comp.init_params(jax.random.key(0), 1, 2)), q, k, v)
@@ -151,7 +151,7 @@ def test_full_budget_is_exact_and_needs_no_params(data):
 
 
 # ---- the relaxation -----------------------------------------------------------------------------
-@pytest.mark.parametrize('budget', ['25%', 16 + 0 * ENTRY])          # capacity 3, and 0
+@pytest.mark.parametrize('budget', ['25%', Budget(16 + 0 * ENTRY)])  # capacity 3, and 0
 def test_relaxation_equals_hard_path_as_tau_goes_to_zero(data, budget):
   _, (q, k, v) = data
   comp = compress.make('evict_learned', G, budget, tau=1e-6, **STORE)

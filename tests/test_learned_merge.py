@@ -13,7 +13,7 @@ import pytest
 import compress
 from compress.core import synthetic
 from compress.core.attention import block_causal_attention, rel_error
-from compress.core.budget import CacheGeometry
+from compress.core.budget import Budget, CacheGeometry
 from compress.merging import learned as learned_merge
 from compress_helpers import layer_params as layer, random_qkv, run_steps
 
@@ -24,9 +24,9 @@ def entry_bits(D: int, kv_bits: int, logmass_bits: int = 16) -> int:
   return 2 * D * kv_bits + logmass_bits
 
 
-def budget_for(capacity: int, D: int, kv_bits: int, logmass_bits: int = 16) -> int:
+def budget_for(capacity: int, D: int, kv_bits: int, logmass_bits: int = 16) -> Budget:
   """Bits that hold exactly `capacity` entries (+ the 16-bit count)."""
-  return capacity * entry_bits(D, kv_bits, logmass_bits) + 16
+  return Budget(capacity * entry_bits(D, kv_bits, logmass_bits) + 16)
 
 
 def perturbed(params, seed: int, scale: float = 0.5, keep=()):
@@ -44,7 +44,8 @@ def test_init_is_cam(budget_entries):
   g = CacheGeometry(PN, head_dim=D, kv_dtype='float32')
   budget = budget_for(budget_entries, D, 32, 32)
   comp = compress.make('merge_learned', g, budget, logmass_dtype='float32')
-  cam = compress.make('cam', g, budget - 16 * budget_entries)   # uint16 sizes: 16 bits less per entry
+  # uint16 sizes: 16 bits less per entry
+  cam = compress.make('cam', g, Budget(budget.bits - 16 * budget_entries))
   assert comp.capacity == cam.capacity == budget_entries
   q, k, v = synthetic.var_like_qkv(jax.random.key(1), PN, layers=2, batch=3, heads=2, head_dim=D)
   params = comp.init_params(None, 2, 2)
@@ -144,7 +145,7 @@ def test_relaxation_has_finite_gradients_for_every_parameter():
 
 
 # ---- budget, errors, jit ----------------------------------------------------------------------
-@pytest.mark.parametrize('budget', [0, 300, 0.1, 0.9])
+@pytest.mark.parametrize('budget', [Budget(0), Budget(300), 0.1, 0.9])
 def test_budget_counts_and_finite(budget):
   """Bits = 16 + min(M, tokens so far) entries (2 D fp16 + 16 log-mass), never above the budget."""
   D = 16
@@ -164,7 +165,7 @@ def test_budget_counts_and_finite(budget):
 
 def test_full_budget_is_exact_in_both_paths():
   g = CacheGeometry(PN, head_dim=8, kv_dtype='float32')
-  comp = compress.make('merge_learned', g, g.full_bits)
+  comp = compress.make('merge_learned', g, Budget(g.full_bits))
   assert comp.passthrough and comp.init_params(None, 1, 2) is None
   q, k, v = random_qkv(7, g.num_tokens, 8, H=2)
   exact = block_causal_attention(q, k, v, PN)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from compress.core.attention import block_causal_attention
-from compress.core.budget import CacheGeometry
+from compress.core.budget import Budget, CacheGeometry
 from compress.core.registry import make
 from compress.merging.tome import tome_merge
 from compress_helpers import run_steps, random_qkv
@@ -19,9 +19,9 @@ def entry_bits(D: int, kv_bits: int, extra_bits: int) -> int:
   return 2 * D * kv_bits + extra_bits
 
 
-def budget_for(capacity: int, D: int, kv_bits: int, extra_bits: int) -> int:
+def budget_for(capacity: int, D: int, kv_bits: int, extra_bits: int) -> Budget:
   """Bits that hold exactly `capacity` entries (+ the 16-bit count)."""
-  return capacity * entry_bits(D, kv_bits, extra_bits) + 16
+  return Budget(capacity * entry_bits(D, kv_bits, extra_bits) + 16)
 
 
 def np_attend(q_SD, ck_MD, cv_MD, cbias_M, k_SD, v_SD):
@@ -181,7 +181,7 @@ def test_cam_compressor_matches_numpy(threshold, accumulate):
 
 # ---- contract: budget, finiteness, jit ------------------------------------------------------------
 @pytest.mark.parametrize('name,settings', [('tome', {}), ('cam', {'accumulate': True})])
-@pytest.mark.parametrize('budget', [0, 600, 0.3])
+@pytest.mark.parametrize('budget', [Budget(0), Budget(600), 0.3])
 def test_budget_and_finite(name, settings, budget):
   """Bits held (from the state) never exceed the budget; outputs stay finite, even with 0 or 1 entry."""
   D = 16

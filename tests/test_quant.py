@@ -246,7 +246,7 @@ def test_attention_error_falls_with_bits_at_all_tokens():
   exact = np.asarray(compress.exact_outputs(q, k, v, g.patch_nums)[0])
   errs = {}
   for b in (8, 4, 2):
-    probe = compress.make('kivi', g, 0, bit_width=b)
+    probe = compress.make('kivi', g, Budget(0), bit_width=b)
     entry, header = probe.layout_bits(b, g.prefix_tokens)
     comp = compress.make('kivi', g, Budget(g.prefix_tokens * entry + header), bit_width=b)
     assert comp.capacity == g.prefix_tokens                 # every token, at b bits
@@ -257,7 +257,7 @@ def test_attention_error_falls_with_bits_at_all_tokens():
 def test_quant_auto_rules():
   g = CacheGeometry((1, 2, 3, 4, 5, 6), head_dim=16)
   T = g.prefix_tokens
-  probe = compress.make('kivi', g, 0)
+  probe = compress.make('kivi', g, Budget(0))
   need = {b: T * probe.layout_bits(b, T)[0] + probe.layout_bits(b, T)[1] for b in (8, 4, 2)}
   auto = lambda bits, **kw: compress.make('quant_auto', g, Budget(bits), **kw)
   # keep_all: the widest width that keeps every token, else 2 bits

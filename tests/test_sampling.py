@@ -209,7 +209,7 @@ def test_forward_cached_matches_teacher_forcing(model, ref):
 class CurrentScaleOnly:
   """A toy policy that keeps nothing: each scale attends only to itself."""
 
-  def init(self, batch, num_heads, head_dim, num_layers):
+  def init(self, batch, num_heads, head_dim, num_layers, *, patch_nums):
     return tuple(jnp.zeros((), jnp.int32) for _ in range(num_layers))   # counts scales seen
 
   def attend(self, state_layer, layer, scale, q_BHSD, k_BHSD, v_BHSD):

@@ -275,6 +275,19 @@ def test_load_trained_errors(run, tmp_path):
     tc.load_trained(copy)
 
 
+
+def test_provenance_is_recorded_and_checked(run):
+  """A trained run records what it was trained on; loading it for another model or capture is refused."""
+  workdir = run[0]
+  prov = json.load(open(os.path.join(workdir, tc.PROVENANCE_FILE)))
+  assert prov == tc.data_provenance(tiny_config().data) and prov['model'] == 'synthetic'
+  assert tc.load_trained(workdir, expect=prov)[0].name
+  with pytest.raises(ValueError, match='another model'):
+    tc.load_trained(workdir, expect={**prov, 'model': 'f' * 64})
+  with pytest.raises(ValueError, match='another capture'):
+    tc.load_trained(workdir, expect={**prov, 'capture': 'f' * 64})
+
+
 def test_cli_overrides_reach_the_trainer(tmp_path):
   workdir = str(tmp_path / 'cli')
   proc = subprocess.run([sys.executable, '-m', 'train.compressor', '--config', 'configs/compressor.py:tiny',

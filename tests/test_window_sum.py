@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from compress.core.attention import block_causal_attention
-from compress.core.budget import CacheGeometry
+from compress.core.budget import Budget, CacheGeometry
 from compress.core.registry import make
 from compress_helpers import run_steps, random_qkv
 
@@ -17,9 +17,9 @@ def summary_bits(D: int) -> int:
   return 2 * D * 32 + 16
 
 
-def budget_for(window: int, D: int, kv_bits: int = 32) -> int:
+def budget_for(window: int, D: int, kv_bits: int = 32) -> Budget:
   """Bits that hold the summary, a 16-bit count and exactly `window` tokens."""
-  return summary_bits(D) + 16 + window * 2 * D * kv_bits
+  return Budget(summary_bits(D) + 16 + window * 2 * D * kv_bits)
 
 
 def np_window_sum(g, window: int, q, k, v):
@@ -93,7 +93,7 @@ def test_exact_when_evicted_tokens_share_a_logit():
   assert np.abs(out2 - block_causal_attention(q2, k2, v2, PN)).max() > 1e-2
 
 
-@pytest.mark.parametrize('budget', [0, 900, 1100, 0.5])
+@pytest.mark.parametrize('budget', [Budget(0), Budget(900), Budget(1100), 0.5])
 def test_budget_and_finite(budget):
   """fp16 windows; budgets below the summary keep a plain window (or nothing); bits never exceed."""
   D = 16

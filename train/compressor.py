@@ -11,18 +11,20 @@ attention (`compress.exact_outputs`). Batches are sequence-major (b, layers, H, 
 over the mesh axis 'data'; the sums are global, so the sharded step computes the single-device loss.
 Evaluation runs the HARD path (`compress_step`, exactly within the budget) over the validation split.
 
-Workdir: config.json, compressor.json (name, budget, settings, geometry, layers, heads: enough to
-rebuild the compressor), checkpoints/<step>/ (items `model` = {'params', 'rest': {}} and `opt`), tb/.
+Workdir: config.json, provenance.json (fingerprints of the model and capture trained on: a resume or
+load for another is refused), compressor.json (name, budget, settings, geometry, layers, heads: enough
+to rebuild the compressor), checkpoints/<step>/ (items `model` = {'params', 'rest': {}} and `opt`), tb/.
 TensorBoard: train/{loss, lr, grad_norm, update_norm, steps_per_s}; eval/{overall, soft, per_layer/<i>,
 per_scale/<k>, bits_over_budget} (also at step 0, the initialisation) and eval/baseline/... once at the
 start (the heuristic of the same family at the same budget, `config.baseline`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +44,7 @@ from compress.core.teacher_forced import exact_outputs, run_teacher_forced
 from train import common, workdir_guard
 
 COMPRESSOR_FILE = 'compressor.json'
+PROVENANCE_FILE = 'provenance.json'   # {'model', 'capture'} fingerprints of the training caches
 QKV = ('q', 'k', 'v')
 
 
@@ -83,6 +86,32 @@ def load_data(data: ml_collections.ConfigDict) -> tuple[Any, Any]:
   return splits
 
 
+def data_provenance(data: ml_collections.ConfigDict) -> dict[str, str]:
+  """What the caches come from: {'model': weights sha256, 'capture': capture fingerprint}
+  (`var_jax.capture.fingerprint`); synthetic caches: 'synthetic' and a hash of their config."""
+  if data.source == 'synthetic':
+    key = json.dumps({k: data[k] for k in sorted(data.keys()) if k != 'path'}, sort_keys=True, default=list)
+    return {'model': 'synthetic', 'capture': 'synthetic-' + hashlib.sha256(key.encode()).hexdigest()}
+  from var_jax.capture import fingerprint  # pylint: disable=g-import-not-at-top
+  return fingerprint(data.path)
+
+
+def check_provenance(workdir: str, want: Mapping[str, str]) -> None:
+  """Refuses a trained run whose `provenance.json` names another model or capture than `want`."""
+  path = os.path.join(workdir, PROVENANCE_FILE)
+  if not os.path.exists(path):
+    raise ValueError(f'{workdir!r} has no {PROVENANCE_FILE}: it was trained by an older version, so its '
+                     'model and capture are unknown; retrain it (python -m train.compressor)')
+  with open(path) as f:
+    got = json.load(f)
+  for what, fix in (('model', 'its parameters were fitted to another model\'s caches'),
+                    ('capture', 'it was trained on other caches (the held-out split may overlap its data)')):
+    if got.get(what) != want.get(what):
+      raise ValueError(f'the compressor trained in {workdir!r} comes from another {what} (sha256 '
+                       f'{str(got.get(what))[:16]}, expected {str(want.get(what))[:16]}): {fix}. Retrain it '
+                       'on this capture (another --workdir, or delete that one)')
+
+
 def split_shape(split: Any) -> tuple[tuple[int, ...], int, int, int]:
   """(patch_nums, layers, heads, head_dim) of a split."""
   return tuple(int(p) for p in split.patch_nums), split.num_layers, split.num_heads, split.head_dim
@@ -109,7 +138,7 @@ def settings_dict(settings: ml_collections.ConfigDict | dict) -> dict[str, Any]:
   return {k: fix(v) for k, v in settings.items()}
 
 
-def build_compressor(name: str, geometry: CacheGeometry, budget: Budget | str | float | int,
+def build_compressor(name: str, geometry: CacheGeometry, budget: Budget | str | float,
                      settings: dict[str, Any]) -> compress.Compressor:
   """The learned compressor `name` at `budget`; clear errors for anything that cannot be trained."""
   learned = compress.available(oracle=False, calibrated=True)
@@ -274,8 +303,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
                      f'{config.batch_size}; lower batch_size or capture more')
   info = compressor_info(comp, config.budget, num_layers, num_heads, settings)
   workdir_guard.prepare_workdir(workdir, config, json.dumps(info, indent=2), COMPRESSOR_FILE)
+  provenance = data_provenance(config.data)
+  if os.path.exists(os.path.join(workdir, PROVENANCE_FILE)):
+    check_provenance(workdir, provenance)       # same config, but the caches under data.path changed
+  else:
+    with open(os.path.join(workdir, PROVENANCE_FILE), 'w') as f:
+      json.dump(provenance, f, indent=2)
 
-  calibration = train_split.get(np.arange(min(config.calibration_sequences, n_train)))
+  calibration = train_split.get(np.arange(min(config.calibration_sequences or n_train, n_train)))
   params = comp.init_params(jax.random.PRNGKey(config.seed), num_layers, num_heads, calibration=calibration)
   check_params(comp, params, num_layers, num_heads)
   shared_bits = comp.shared_bits(params)
@@ -310,10 +345,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
   return comp, state['params']
 
 
-def load_trained(workdir: str, step: int | None = None) -> tuple[compress.Compressor, Any]:
+def load_trained(workdir: str, step: int | None = None, *, expect: Mapping[str, str] | None = None
+                 ) -> tuple[compress.Compressor, Any]:
   """The compressor of a `train.compressor` workdir and its trained parameters (latest step unless
-  `step`); params are a pytree with leading axes (layers, heads)."""
+  `step`); params are a pytree with leading axes (layers, heads). `expect`: the {'model', 'capture'}
+  fingerprints (`data_provenance`) the run must have been trained on; another is refused."""
   info = workdir_guard.read_json(workdir, COMPRESSOR_FILE)
+  if expect is not None:
+    check_provenance(workdir, expect)
   g = info['geometry']
   geometry = CacheGeometry(tuple(g['patch_nums']), g['head_dim'], g['kv_dtype'])
   comp = compress.make(info['name'], geometry, Budget(info['budget_bits']), **settings_dict(info['settings']))

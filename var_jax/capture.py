@@ -235,6 +235,18 @@ def capture(model: VARModel, out_dir: str | os.PathLike, *, train_shards: int, v
   return os.fspath(out_dir)
 
 
+def fingerprint(path: str | os.PathLike) -> dict[str, str]:
+  """Provenance of a capture directory: {'model': the weights' sha256, 'capture': sha256 of the
+  capture's identity (arguments, model configs and weights) and of every finished shard's files}."""
+  mpath = Path(path) / MANIFEST
+  if not mpath.exists():
+    raise FileNotFoundError(f'{mpath} not found: {path!r} is not a capture (python -m var_jax.capture)')
+  m = json.loads(mpath.read_text())
+  shards = {n: e['sha256'] for n, e in sorted(m['shards'].items())}
+  body = json.dumps({'identity': _identity(m), 'shards': shards}, sort_keys=True).encode()
+  return {'model': m['model']['weights_sha256'], 'capture': hashlib.sha256(body).hexdigest()}
+
+
 # ------------------------------------------------------------------------------ reader
 class CaptureDataset:
   """Memory-mapped reader of one split of a capture directory.

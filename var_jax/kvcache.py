@@ -2,8 +2,10 @@
 
 A VAR step emits every token of one scale at once: its S = pn^2 queries attend to everything kept
 from the earlier scales plus all S tokens of their own scale (block causal, dense inside a scale).
-A `CachePolicy` owns what is kept between scales. Sampling (`var_jax.sampling`) calls, per scale and
-layer, `policy.attend(state[layer], layer, scale, q, k, v)` with
+A `CachePolicy` owns what is kept between scales. Sampling (`var_jax.sampling`) first calls
+`policy.init(batch, num_heads, head_dim, num_layers, patch_nums=...)` with the model's scale schedule
+(a policy built for another schedule must refuse it), then, per scale and layer,
+`policy.attend(state[layer], layer, scale, q, k, v)` with
 
   q_BHSD  the queries already multiplied by the softmax scale (the policy computes plain
           softmax(q k^T) v, no extra scale),
@@ -40,8 +42,10 @@ PolicyState = tuple[Any, ...]   # one pytree per layer
 class CachePolicy(Protocol):
   """What survives between scales, and how a new scale attends to it (see the module docstring)."""
 
-  def init(self, batch: int, num_heads: int, head_dim: int, num_layers: int) -> PolicyState:
-    """Empty state: a tuple of `num_layers` per-layer pytrees. `batch` counts sequences (2B with CFG)."""
+  def init(self, batch: int, num_heads: int, head_dim: int, num_layers: int, *,
+           patch_nums: Sequence[int]) -> PolicyState:
+    """Empty state: a tuple of `num_layers` per-layer pytrees. `batch` counts sequences (2B with CFG);
+    `patch_nums` is the model's scale schedule (a policy built for another schedule must refuse it)."""
     ...
 
   def attend(self, state_layer: Any, layer: int, scale: int, q_BHSD: Array, k_BHSD: Array,
@@ -103,7 +107,9 @@ class FullCache:
   patch_nums: tuple[int, ...]
   dtype: str = 'float32'
 
-  def init(self, batch: int, num_heads: int, head_dim: int, num_layers: int) -> tuple[KVCache, ...]:
+  def init(self, batch: int, num_heads: int, head_dim: int, num_layers: int, *,
+           patch_nums: Sequence[int]) -> tuple[KVCache, ...]:
+    del patch_nums   # `attend` checks every scale's token count against `self.patch_nums`
     capacity = scale_offsets(self.patch_nums)[-1]
     return tuple(KVCache.zeros(batch, num_heads, capacity, head_dim, jnp.dtype(self.dtype))
                  for _ in range(num_layers))

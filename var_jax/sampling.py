@@ -8,7 +8,9 @@ sampled; the codes update the VQ-VAE's f_hat, whose area-downsampled map is the 
 One jitted function per scale (static shapes), taking and returning the cache-policy state with its
 buffers donated. The compiled functions are cached by jax.jit on (graph of the models, policy,
 scale, top_k, top_p, capture flags, shapes), so repeated calls with the same settings do not
-recompile; `cfg` is a traced value.
+recompile; `cfg` and the arrays a policy carries (a compressor's parameters, `policy_arrays`) are
+traced values, and policies compare by value: a new policy object of the same compressor and settings
+compiles nothing.
 """
 from __future__ import annotations
 
@@ -93,6 +95,17 @@ def sample_top_k_top_p(key: Array, logits_BlV: Array, top_k: int = 0, top_p: flo
 
 
 # ------------------------------------------------------------------------------ jitted steps
+def policy_arrays(policy: CachePolicy) -> Any:
+  """The arrays a policy carries (a compressor's parameters: `policy.params`), or None. The jitted
+  steps take them as traced arguments and rebind them (`bind_arrays`), never as constants, so a second
+  policy of the same compressor and settings (policies compare by value) compiles nothing."""
+  return getattr(policy, 'params', None)
+
+
+def bind_arrays(policy: CachePolicy, arrays: Any) -> CachePolicy:
+  return policy if arrays is None else dataclasses.replace(policy, params=arrays)
+
+
 def _through_policy(var_model: VAR, policy: CachePolicy, scale: int, state: Any, x_BlC: Array,
                     cond_BD: Array, capture_qkv: bool) -> tuple[Array, tuple[Any, ...], Any]:
   """Scale `scale`'s tokens through all blocks, attention by `policy`: (logits, new state, qkv)."""
@@ -114,7 +127,7 @@ def _start(var_graph: nnx.GraphDef, var_state: nnx.State, policy: CachePolicy, l
   b = labels_B.shape[0]
   cond_2BD = var_model.cond(jnp.concatenate([labels_B, jnp.full_like(labels_B, cfg.num_classes)]))
   x_2BlC = var_model.embed_first(cond_2BD)
-  state = policy.init(2 * b, cfg.num_heads, cfg.head_dim, cfg.depth)
+  state = policy.init(2 * b, cfg.num_heads, cfg.head_dim, cfg.depth, patch_nums=tuple(cfg.patch_nums))
   pn = cfg.patch_nums[-1]
   f_hat = jnp.zeros((b, pn, pn, cfg.z_channels), jnp.float32)
   return cond_2BD, x_2BlC, state, f_hat
@@ -139,7 +152,7 @@ def guide(logits_2BlV: Any, t: Any) -> Any:
 def _scale_step(var_graph: nnx.GraphDef, var_state: nnx.State, vae_graph: nnx.GraphDef,
                 vae_state: nnx.State, policy: CachePolicy, scale: int, top_k: int, top_p: float,
                 capture_qkv: bool, capture_logits: bool, state: Any, x_2BlC: Array, cond_2BD: Array,
-                f_hat_BhwC: Array, t: Array, key: Array):
+                f_hat_BhwC: Array, t: Array, key: Array, policy_data: Any = None):
   """One scale: blocks through the policy, guided sampling, VQ-VAE update, next input.
 
   Returns (idx (B, pn^2) int32, f_hat, next input (2B, pn'^2, C) or None at the last scale,
@@ -147,6 +160,7 @@ def _scale_step(var_graph: nnx.GraphDef, var_state: nnx.State, vae_graph: nnx.Gr
   """
   var_model: VAR = nnx.merge(var_graph, var_state)
   vae = nnx.merge(vae_graph, vae_state)
+  policy = bind_arrays(policy, policy_data)
   cfg = var_model.cfg
   pn, b = cfg.patch_nums[scale], x_2BlC.shape[0] // 2
 
@@ -166,9 +180,11 @@ def _scale_step(var_graph: nnx.GraphDef, var_state: nnx.State, vae_graph: nnx.Gr
 @functools.partial(jax.jit, donate_argnames=('state',),
                    static_argnames=('var_graph', 'policy', 'scale', 'capture_qkv'))
 def _forward_scale(var_graph: nnx.GraphDef, var_state: nnx.State, policy: CachePolicy, scale: int,
-                   capture_qkv: bool, state: Any, labels_B: Array, var_input_BlC: Array):
+                   capture_qkv: bool, state: Any, labels_B: Array, var_input_BlC: Array,
+                   policy_data: Any = None):
   """Teacher-forced scale `scale` through the policy: (logits (B, pn^2, V), new state, qkv or None)."""
   var_model: VAR = nnx.merge(var_graph, var_state)
+  policy = bind_arrays(policy, policy_data)
   cfg = var_model.cfg
   cond_BD = var_model.cond(labels_B)
   if scale == 0:
@@ -214,11 +230,12 @@ def forward_cached(var_model: VAR, labels_B: Array, var_input_BlC: Array, *,
                      '(B, L - pn0^2, Cvae); build it with VQVAE.idx_to_var_input')
   policy = FullCache(tuple(mcfg.patch_nums)) if policy is None else policy
   var_graph, var_state = nnx.split(var_model)
-  state = policy.init(labels_B.shape[0], mcfg.num_heads, mcfg.head_dim, mcfg.depth)
+  state = policy.init(labels_B.shape[0], mcfg.num_heads, mcfg.head_dim, mcfg.depth,
+                      patch_nums=tuple(mcfg.patch_nums))
   logits, qkvs = [], []
   for scale in range(len(mcfg.patch_nums)):
     lg, state, qkv = _forward_scale(var_graph, var_state, policy, scale, capture_qkv, state,
-                                    labels_B, var_input_BlC)
+                                    labels_B, var_input_BlC, policy_arrays(policy))
     logits.append(lg)
     qkvs.append(qkv)
   return jnp.concatenate(logits, axis=1), state, (qkvs if capture_qkv else None)
@@ -252,7 +269,8 @@ def generate(var_model: VAR, vqvae: nnx.Module, labels_B: Any, *, key: Array, cf
     t = guidance_weight(cfg, scale, num_scales)
     idx_Bl, f_hat, x_2BlC, state, qkv, lg = _scale_step(
         var_graph, var_state, vae_graph, vae_state, policy, scale, int(top_k), float(top_p),
-        capture_qkv, capture_logits, state, x_2BlC, cond_2BD, f_hat, t, keys[scale])
+        capture_qkv, capture_logits, state, x_2BlC, cond_2BD, f_hat, t, keys[scale],
+        policy_arrays(policy))
     tokens.append(idx_Bl)
     qkvs.append(qkv)
     logits.append(lg)

@@ -36,7 +36,7 @@ def available(*, oracle: bool = True, learned: bool = True, calibrated: bool = T
                 and (calibrated or not c.needs_calibration))
 
 
-def make(name: str, geometry: CacheGeometry, budget: Budget | str | float | int, **settings: Any
+def make(name: str, geometry: CacheGeometry, budget: Budget | str | float, **settings: Any
          ) -> Compressor:
   """Builds registered compressor `name` at `budget` (see `Budget.parse`) with its settings."""
   if name not in REGISTRY:

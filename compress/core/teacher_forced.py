@@ -32,7 +32,8 @@ def run_teacher_forced(comp: Compressor, params: Any, q_NBHLD: jax.Array, k_NBHL
   """Runs `comp` over all scales. N = layers. Returns
 
   out: (N, B, H, L, D) float32 compressed attention outputs;
-  bits: (N, B, H, K) bits held after each scale; peak_bits: max over scales.
+  bits: (N, B, H, K) bits held after each scale; peak_bits: max over scales;
+  peak_entries: (N, B, H) most entries the state held after any scale (states with a `count`), or None.
   """
   g = comp.geometry
   N, B, H, L, D = q_NBHLD.shape
@@ -40,7 +41,7 @@ def run_teacher_forced(comp: Compressor, params: Any, q_NBHLD: jax.Array, k_NBHL
     raise ValueError(f'captured q has L={L}, D={D} but the geometry expects L={g.num_tokens} '
                      f'(patch_nums {g.patch_nums}) and D={g.head_dim}')
   state = jax.vmap(lambda _: comp.init_state(B, H))(jnp.arange(N))
-  outs, bits = [], []
+  outs, bits, counts = [], [], []
   for si, (st, S) in enumerate(zip(g.scale_starts, g.scale_sizes)):
     sl = slice(st, st + S)
     fq = q_NBHLD[:, :, :, st + S:] if comp.oracle else None
@@ -48,8 +49,12 @@ def run_teacher_forced(comp: Compressor, params: Any, q_NBHLD: jax.Array, k_NBHL
                                  v_NBHLD[:, :, :, sl], fq, si, comp.oracle)
     outs.append(out)
     bits.append(b)
+    if hasattr(state, 'count'):
+      counts.append(state.count)
   bits = jnp.stack(bits, -1)
-  return {'out': jnp.concatenate(outs, axis=3), 'bits': bits, 'peak_bits': bits.max(-1)}
+  peak_entries = jnp.stack(counts, -1).max(-1) if counts else None
+  return {'out': jnp.concatenate(outs, axis=3), 'bits': bits, 'peak_bits': bits.max(-1),
+          'peak_entries': peak_entries}
 
 
 def exact_outputs(q_NBHLD, k_NBHLD, v_NBHLD, patch_nums) -> jax.Array:

@@ -105,7 +105,7 @@ class LayerwiseCompressor:
     return list(out.items())
 
 
-def build_layerwise(name: str, geometry: CacheGeometry, budget: Budget | str | float | int,
+def build_layerwise(name: str, geometry: CacheGeometry, budget: Budget | str | float,
                     weights: Sequence[float], **settings: Any) -> LayerwiseCompressor:
   """Registered slot compressor `name` at per-layer budgets split by `weights` (one per layer)."""
   probe = make(name, geometry, budget, **settings)
@@ -118,7 +118,7 @@ def build_layerwise(name: str, geometry: CacheGeometry, budget: Budget | str | f
                              tuple(make(name, geometry, b, **settings) for b in budgets))
 
 
-def build_scalekv(geometry: CacheGeometry, budget: Budget | str | float | int,
+def build_scalekv(geometry: CacheGeometry, budget: Budget | str | float,
                   drafter_score: Sequence[float], *, drafter_fraction: float = 0.25,
                   drafter_ratio: float = 4.0, **settings: Any) -> LayerwiseCompressor:
   """ScaleKV: drafter/refiner budgets from calibration `drafter_score` (layers,), `scalekv` selection.

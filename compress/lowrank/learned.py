@@ -1,8 +1,8 @@
 """`lowrank_learned`: low-rank key/value caches with trained encoders and decoders, initialised from PCA.
 
 Memory layout and ranks are those of `pca` (compress.lowrank): every token kept, its key and value
-stored as rk- and rv-dim coefficients at the geometry dtype, R = floor(budget / (prefix_tokens * dtype
-bits)) coefficient dims per token split by `key_fraction`; the count follows from the schedule.
+stored as rk- and rv-dim coefficients at the geometry dtype, R = floor((budget - 16) / (prefix_tokens *
+dtype bits)) coefficient dims per token split by `key_fraction`, plus the 16-bit count (counted).
 
 Per (layer, head) and for t in {k, v}: encoder E_t (D, r_t), decoder U_t (r_t, D), mean mu_t (D):
 

@@ -2,10 +2,12 @@
 
 `pca` keeps every token and stores the r-dim coefficients of its centred key and value,
 c = (x - mean) @ P (P: (D, r) top principal directions), at the geometry dtype; it reads keys back as
-c @ P^T + mean. The ranks follow from the budget: R = floor(budget / (prefix_tokens * dtype bits))
-coefficient dims per token (at most 2D), split between keys and values by `key_fraction`. The count
-follows from the schedule (every token is kept), so it is not state. P and the means are parameters
-shared by every sequence, reported by `shared_bits` at their dtype (the geometry dtype).
+c @ P^T + mean. The ranks follow from the budget: R = floor((budget - 16) / (prefix_tokens * dtype
+bits)) coefficient dims per token (at most 2D), split between keys and values by `key_fraction`. The
+16 bits are the per-head count of stored tokens (uint16): the state holds it and attention reads it (the
+valid mask), so it is counted, as in every other compressor. Only a rank-0 cache (entries of 0 bits)
+stores no count. P and the means are parameters shared by every sequence, reported by `shared_bits` at
+their dtype (the geometry dtype).
 
 `pca_evict` keeps `keep_fraction` of the tokens (eviction as in `compress.core.stable_slots`) and spends the
 budget on a higher rank for those.
@@ -125,12 +127,14 @@ class PCA(LowRankBase):
 
   def plan(self) -> tuple[int, int, int]:
     T = self.geometry.prefix_tokens
-    return (T, *self.split_rank(self.budget.bits // (T * self.coef_bits)))
+    room = self.budget.bits - dtype_bits(COUNT_DTYPE)          # the stored count comes first
+    return (T, *self.split_rank(max(0, room) // (T * self.coef_bits)))
 
   def init_compressed(self, batch: int, num_heads: int) -> Slots:
     T, rk, rv = self.plan()
     dt = self.geometry.kv_dtype
-    return empty_slots(batch, num_heads, T, (rk,), dt, (rv,), dt).replace(count_implied=True)
+    # the count is stored and counted; a rank-0 cache (entries of 0 bits) holds nothing to count
+    return empty_slots(batch, num_heads, T, (rk,), dt, (rv,), dt).replace(count_implied=rk + rv == 0)
 
   def compress_step(self, params, state: Slots, q_BHSD, k_BHSD, v_BHSD, scale: int, ctx):
     del ctx

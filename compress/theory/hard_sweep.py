@@ -1,7 +1,7 @@
 """Every compressor on the hard instance, against the rate-distortion bound: one CSV row per
 (method, budget), and the bound's curve.
 
-  python -m compress.theory.hard_sweep --out runs/hard --n 256 --d 64 --budgets 0.05,0.1,0.25,0.5
+  python -m compress.theory.hard_sweep --out runs/hard --n 256 --d 64 --budgets 5%,10%,25%,50%
   python -m compress.theory.hard_sweep --out runs/hard_var --var --patch_nums 1,2,3,4,5,6,8
 """
 from __future__ import annotations
@@ -24,10 +24,11 @@ from compress.theory.hard_instance import HardInstance, make_instance, redraw, V
 
 
 # ---- evaluation -------------------------------------------------------------------------------
-def evaluate_method(inst: HardInstance, name: str, budget: str | float | int,
+def evaluate_method(inst: HardInstance, name: str, budget: Budget | str | float,
                     calibration: HardInstance | None = None, key: jax.Array | None = None
                     ) -> dict[str, Any]:
-  """Runs compressor `name` at `budget` on `inst`; returns one result row (see `CSV_COLUMNS`)."""
+  """Runs compressor `name` at `budget` (a `Budget.parse` form) on `inst`; returns one result row (see
+  `CSV_COLUMNS`)."""
   g = inst.geometry
   comp = make(name, g, budget)
   calib = None
@@ -97,8 +98,10 @@ def define_flags(fv=None) -> None:
   flags.DEFINE_integer('seed', 0, 'seed of the instance (calibration uses an independent draw, seed+1)',
                        flag_values=fv)
   flags.DEFINE_string('kv_dtype', 'float16', 'dtype of kept keys/values (the geometry)', flag_values=fv)
-  flags.DEFINE_list('budgets', ['0.05', '0.1', '0.25', '0.5', '1.0'],
-                    'budgets: fractions of the fp16 cache, "25%", "2bpc" or "1000bits"', flag_values=fv)
+  flags.DEFINE_list('budgets', ['5%', '10%', '25%', '50%', '100%'],
+                    'comma-separated budgets, each with its unit: "25%" (of the fp16 cache at its peak, '
+                    'at most 100%), a fraction in (0, 1] ("0.25" = 25%), "2bpc" (bits per cached '
+                    'coordinate) or "100000bits" (per sequence, layer and head)', flag_values=fv)
   flags.DEFINE_list('methods', None, 'compressors to run (default: every non-learned one)', flag_values=fv)
   flags.DEFINE_bool('overwrite', False, 'replace existing CSVs in --out', flag_values=fv)
   flags.mark_flag_as_required('out', flag_values=fv)
@@ -113,11 +116,17 @@ def _int_list(name: str, items: Sequence[str]) -> tuple[int, ...]:
 
 
 def _budget_spec(s: str) -> str | float:
-  """CLI budget: a bare number is a fraction of the fp16 cache (as `Budget.parse` reads a float)."""
+  """One --budgets entry: '25%', '2bpc', '100000bits' as given (`Budget.parse` checks them); a bare number
+  is a fraction of the fp16 cache in (0, 1] (returned as a float: '0.25' = 25%)."""
+  s = s.strip()
   try:
-    return float(s)
+    x = float(s)
   except ValueError:
     return s
+  if not 0 < x <= 1:
+    raise ValueError(f'--budgets {s}: a bare number is a fraction of the fp16 cache in (0, 1] (0.25 = 25%); '
+                     'give each budget as "25%", 0.25, "2bpc" or "100000bits"')
+  return x
 
 
 def main(argv: Sequence[str]) -> int:
@@ -138,7 +147,7 @@ def main(argv: Sequence[str]) -> int:
                          kv_dtype=F.kv_dtype)
     specs = [_budget_spec(s) for s in F.budgets]
     if not specs:
-      raise ValueError('--budgets is empty: give e.g. 0.05,0.1,0.25')
+      raise ValueError('--budgets is empty: give e.g. 5%,10%,25%')
     for s in specs:
       Budget.parse(s, inst.geometry)
     methods = list(F.methods) if F.methods else available(learned=False)

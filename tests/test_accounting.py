@@ -1,0 +1,78 @@
+"""bits(state) is what the state holds: for every registered compressor, after all scales of a tiny
+geometry at a compressing budget (the cache ends full), `Compressor.bits(state)` per head equals the bits
+of the arrays in the state (`tree_bits` over its leaves, / (batch * heads)).
+
+The one documented exception: a count that follows from the schedule is not stored state
+(`Slots.count_implied`: the full cache, the passthrough state of every compressor, whose count is the
+scale's start). At a compressing budget only the `full` reference (which ignores the budget) has one,
+and the difference is exactly that 16-bit count. (Before this test, `pca` / `lowrank_learned` kept an
+uncounted count too: 16 bits per head above their reported bits, at exactly their budget.)
+"""
+import jax
+import numpy as np
+import pytest
+
+import compress
+from compress.core.accounting import COUNT_DTYPE, dtype_bits, tree_bits
+from compress.core.budget import Budget, CacheGeometry
+from compress.core.slots import Slots
+from fast_jit import run_scales
+
+G = CacheGeometry((1, 2, 3), head_dim=16)               # fp16 cache; 5 tokens at the peak
+B, H = 2, 3
+BUDGET = '70%'                                           # 1792 bits: every cache here ends full
+VARIANTS = [(n, {}) for n in compress.available()] + [
+    ('kivi', {'evict': 'h2o', 'key_layout': 'token'}), ('pca_evict', {'evict': 'h2o'})]
+
+
+@pytest.fixture(scope='module')
+def qkv():
+  q, k, v = compress.synthetic.var_like_qkv(jax.random.key(0), G.patch_nums, layers=1, batch=B,
+                                            heads=H, head_dim=G.head_dim)
+  return q, k, v
+
+
+@pytest.mark.parametrize('name,settings', VARIANTS, ids=[f'{n}{"-" + "-".join(s.values()) if s else ""}'
+                                                          for n, s in VARIANTS])
+def test_bits_equal_the_bits_the_state_holds(qkv, name, settings):
+  q, k, v = qkv
+  comp = compress.make(name, G, BUDGET, **settings)
+  params = comp.init_params(jax.random.key(1), 1, H, calibration={'q': q, 'k': k, 'v': v})
+  p0 = None if params is None else jax.tree.map(lambda x: x[0], params)
+  _, state = run_scales(comp, p0, q[0], k[0], v[0])
+
+  bits = np.asarray(comp.bits(state))
+  assert bits.shape == (B, H) and np.all(bits == bits.flat[0]), bits
+  held = tree_bits(state)                              # every array of the state at its dtype
+  assert held % (B * H) == 0
+  per_head = held // (B * H)
+  assert isinstance(state, Slots), type(state)         # (every built-in keeps Slots; a new kind of
+  implied = dtype_bits(COUNT_DTYPE) if state.count_implied else 0   # state gets its own rule here)
+  where = f'{name} {settings} at {comp.budget.bits} bits: reports {bits.flat[0]}, holds {per_head}'
+  assert bits.flat[0] == per_head - implied, where
+  if comp.respects_budget:
+    assert not state.count_implied, f'{where}: a compressing cache stores its count'
+    assert comp.budget.bits < G.full_bits and not comp.passthrough
+    # the cache ends full: every allocated entry is valid, so no slack hides in unused slots
+    np.testing.assert_array_equal(np.asarray(state.count), state.capacity, err_msg=where)
+    assert state.capacity > 0, where
+    assert bits.flat[0] == state.allocated_bits() <= comp.budget.bits, where
+  else:                                                # only the full reference: count = the schedule's
+    assert name == 'full' and state.count_implied and bits.flat[0] == G.full_bits, where
+
+
+def test_pca_counts_its_count_and_stays_within_budget():
+  """The fix: pca's ranks leave room for the stored 16-bit count. At exactly R dims per token the
+  budget no longer fits R dims plus the count (R - 1 do); 16 bits more fit R again."""
+  T, cb = G.prefix_tokens, G.kv_bits
+  for R in (3, 8, 2 * G.head_dim):
+    at = compress.make('pca', G, Budget(T * R * cb))
+    plus = compress.make('pca', G, Budget(T * R * cb + 16))
+    assert sum(at.plan()[1:]) == R - 1 and sum(plus.plan()[1:]) == R
+    for c in (at, plus):
+      state = c.init_compressed(1, 1)
+      assert not state.count_implied
+      assert state.allocated_bits() == tree_bits(state) <= c.budget.bits
+  zero = compress.make('pca', G, Budget(T * cb + 15))  # not even one dim beside the count: rank 0,
+  assert zero.plan()[1:] == (0, 0)                      # nothing stored, nothing to count
+  assert zero.init_compressed(1, 1).allocated_bits() == 0
