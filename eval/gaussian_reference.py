@@ -61,8 +61,12 @@ def components(data: CacheSet, batch: int = 16) -> tuple[np.ndarray, float, int]
 
 
 def curve(data: CacheSet, geometry: CacheGeometry, batch: int = 16, points: int = 48) -> dict:
-  """{'bits' (per head), 'bits_per_coordinate', 'rel_error'} of the reference, bits increasing."""
+  """{'bits' (per head), 'bits_per_coordinate', 'rel_error'} of the reference, bits increasing, from 0
+  up to the fp16 cache's bits (16 per coordinate)."""
   var, total, heads = components(data, batch)
-  c = bounds.water_filling_curve(var, total, points)
+  c = bounds.water_filling_curve(var, total, 8 * points, depth=1e-24)
   bits = c['bits'] / heads
-  return {'bits': bits, 'bits_per_coordinate': bits / geometry.coordinates, 'rel_error': c['rel_error']}
+  keep = np.flatnonzero(bits <= geometry.fp16_bits)
+  keep = keep[np.unique(np.linspace(0, keep.size - 1, points).round().astype(int))]
+  return {'bits': bits[keep], 'bits_per_coordinate': bits[keep] / geometry.coordinates,
+          'rel_error': c['rel_error'][keep]}

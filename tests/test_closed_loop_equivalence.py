@@ -9,12 +9,16 @@ test policy `Split` gives each its image's two CFG rows and records every output
 through unchanged); one generation compiles the model once for all four.
 
 Asserted per compressor: the recorded outputs equal `run_teacher_forced(comp, params, q, k, v)` on the
-captured q, k, v of its rows (so the policy ran the compressor with these params, layer by layer,
-threading its state across scales), its bits match and hold the budget; and the model consumed the
-compressed outputs: every image has the same first scale (no cache yet: same logits, same greedy
-tokens, so the same input at scale 1), and at scale 1 each compressor's logits differ from `full`'s.
+captured q, k, v of its rows to 1e-5 relative per layer and scale (measured: 0 for h2o, 8e-8 and 2e-6
+for lowrank_learned and pca: float32 order; their errors against exact attention are 0.2-0.4), so the
+policy ran the compressor with these params, layer by layer, threading its state across scales; its
+bits match teacher forcing's and hold the budget; and the model consumed the compressed outputs: while
+a compressor's outputs equal `full`'s, its image gets the same logits and greedy tokens (so the same
+next input); at the first scale where they differ (scale 1 for pca and lowrank_learned, 2 for h2o, which
+holds 3 tokens) its logits differ from `full`'s (measured 0.03 to 0.14 relative).
 A policy ignored, its state reset between scales, its params dropped (replaced by fresh ones) or taken
-from another layer, or its outputs discarded all fail (checked by breaking `CompressorPolicy.attend`).
+from another layer, or its outputs discarded by the model all fail (checked by breaking
+`CompressorPolicy.attend`, and the sampler's `_through_policy` for the last, in a scratch copy).
 """
 import dataclasses
 import pathlib
@@ -38,11 +42,20 @@ BUDGET = '25%'
 @dataclasses.dataclass(frozen=True, eq=False)
 class Split:
   """A cache policy running `policies[j]` on image j's rows (j and j + n of the 2n CFG rows) and keeping
-  every output each returned: per layer (tuple of inner states, outputs (2n, H, L, D) float32)."""
+  every output each returned: per layer (tuple of inner states, outputs (2n, H, L, D) float32).
+
+  `params` (each policy's params) is what the sampler passes to its jitted steps as traced arrays
+  (`var_jax.sampling.policy_arrays` / `bind_arrays`), as it does a `CompressorPolicy`'s; `attend` runs
+  each policy with them, so params the sampler drops or mangles reach the compressors.
+  """
   policies: tuple[compress.CompressorPolicy, ...]
+  params: tuple = ()
 
   def rows(self, j: int) -> np.ndarray:
     return np.array([j, j + len(self.policies)])
+
+  def policy(self, j: int) -> compress.CompressorPolicy:
+    return dataclasses.replace(self.policies[j], params=self.params[j])
 
   def init(self, batch, num_heads, head_dim, num_layers, **kw):
     assert batch == 2 * len(self.policies), batch
@@ -55,9 +68,9 @@ class Split:
     states, rec = state_layer
     out = jnp.zeros_like(q_BHSD)
     new_states = []
-    for j, (policy, state) in enumerate(zip(self.policies, states)):
+    for j, state in enumerate(states):
       r = self.rows(j)
-      o, state = policy.attend(state, layer, scale, q_BHSD[r], k_BHSD[r], v_BHSD[r])
+      o, state = self.policy(j).attend(state, layer, scale, q_BHSD[r], k_BHSD[r], v_BHSD[r])
       out = out.at[r].set(o)
       new_states.append(state)
     start = self.policies[0].compressor.geometry.scale_starts[scale]
@@ -88,7 +101,8 @@ def run():
   model = var_jax.load_official(FIX / 'var.pth', FIX / 'vae.pth', patch_nums=(1, 2, 3, 4))
   cfg = model.var.cfg
   g = CacheGeometry(model.patch_nums, cfg.head_dim)
-  policy = Split(tuple(make_policy(n, g, cfg.depth, cfg.num_heads) for n in NAMES))
+  policies = tuple(make_policy(n, g, cfg.depth, cfg.num_heads) for n in NAMES)
+  policy = Split(policies, tuple(p.params for p in policies))
   out = generate(model.var, model.vae, [LABEL] * len(NAMES), key=jax.random.key(2), cfg=1.5, top_k=1,
                  top_p=0.0, policy=policy, capture_qkv=True, capture_logits=True)
   return policy, out
@@ -98,7 +112,7 @@ def run():
 def test_generation_runs_the_compressor_as_teacher_forcing_does(run, j, name):
   policy, out = run
   comp, params = policy.policies[j].compressor, policy.policies[j].params
-  assert name == 'full' or comp.budget.bits < comp.geometry.full_bits
+  assert comp.budget.bits < comp.geometry.full_bits
   r = policy.rows(j)
   q, k, v = (x[:, r] for x in stack_qkv(out.qkv))             # (layers, 2, H, L, D)
   closed = jnp.stack([rec[r] for _, rec in out.cache])          # what generation's attention got back
@@ -108,12 +122,9 @@ def test_generation_runs_the_compressor_as_teacher_forcing_does(run, j, name):
   assert err.max() < 1e-5, f'{name}: closed loop vs teacher forced, per layer x scale:\n{err}'
   bits = np.asarray(jnp.stack([comp.bits(states[j]) for states, _ in out.cache]))
   np.testing.assert_array_equal(bits, np.asarray(teacher['bits'][..., -1]))
+  assert bits.max() <= comp.budget.bits
   exact_err = compress.errors(closed, compress.exact_outputs(q, k, v, pn), pn)['overall']
-  if name == 'full':
-    assert exact_err < 1e-3
-  else:
-    assert bits.max() <= comp.budget.bits
-    assert exact_err > 1e-2, exact_err                          # it compressed
+  assert exact_err > 1e-2, exact_err                            # it compressed
 
 
 def test_the_model_consumes_the_compressed_outputs(run):

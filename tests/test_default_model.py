@@ -26,13 +26,18 @@ def test_default_model_config_and_size(model):
 
 
 def test_default_model_predicts_held_out_tokens(model):
-  """Teacher-forced token accuracy on held-out built-in images is far above chance (1/V)."""
+  """Teacher-forced token accuracy on held-out built-in images is the shipped model's, within 2 points.
+
+  Measured 38.25 % (0.38253) on these 24 images (3720 tokens); the model README's 36.97 % is on 256
+  images of another seed. Chance is 1/V = 0.2 %. A regression (or a changed tokenizer / data) of more
+  than 2 points fails; so does an unexplained jump.
+  """
   x, y = builtin_dataset(24, 32, seed=98765)
   idx = model.img_to_idx(x)
   logits = model.logits(y, model.idx_to_var_input(idx))
   target = jnp.concatenate(idx, axis=1)
   acc = float((jnp.argmax(logits, -1) == target).mean())
-  assert acc > 50 / model.var.cfg.vocab_size, acc      # measured ~0.37 at V=512 (chance 0.002)
+  assert abs(acc - 0.3825) <= 0.02, acc
 
 
 def test_default_model_samples_are_valid_images(model):

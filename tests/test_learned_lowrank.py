@@ -58,7 +58,7 @@ def test_init_equals_pca_exactly(data):
   (_, ck, cv), (q, k, v) = data
   calib = {'k': ck, 'v': cv}                               # no 'q': not needed
   learned, pca = compress.make('lowrank_learned', G, '25%'), compress.make('pca', G, '25%')
-  assert learned.plan() == pca.plan() == (T, 4, 4)
+  assert learned.plan() == pca.plan() == (T, 4, 3)   # 8 dims per token but the count's 16 bits
   p, pp = (c.init_params(jax.random.key(0), 2, 2, calibration=calib) for c in (learned, pca))
   np.testing.assert_array_equal(p['k_enc'], pp['k_basis'].astype(jnp.float32))
   np.testing.assert_array_equal(p['v_dec'], jnp.swapaxes(pp['v_basis'], -1, -2).astype(jnp.float32))
@@ -70,7 +70,7 @@ def test_init_equals_pca_exactly(data):
 @pytest.mark.parametrize('perturb', [False, True])
 def test_train_outputs_equal_hard_path(data, perturb):
   (_, ck, cv), (q, k, v) = data
-  comp = compress.make('lowrank_learned', G, Budget(T * 16 * 7), key_fraction=0.4)   # ranks 3 (k), 4 (v)
+  comp = compress.make('lowrank_learned', G, Budget(T * 16 * 7 + 16), key_fraction=0.4)   # ranks 3 (k), 4 (v) + count
   assert comp.plan() == (T, 3, 4)
   params = comp.init_params(jax.random.key(0), 2, 2, calibration={'k': ck, 'v': cv})
   params = _perturbed(params) if perturb else params
@@ -91,7 +91,7 @@ def test_bits_fill_the_budget_and_shared_bits_count_every_parameter(data):
     held = min(G.scale_starts[si] + G.scale_sizes[si], T)         # the last scale is not stored
     assert int(s.count.max()) == held
     bits = np.asarray(comp.bits(s))
-    assert np.all(bits == held * 7 * 16), (si, bits)              # coefficients only, count implied
+    assert np.all(bits == held * 7 * 16 + 16), (si, bits)         # coefficients + the stored count
   assert int(comp.bits(states[-1]).max()) <= budget.bits < T * 8 * 16   # one more dim would not fit
   # encoder + decoder (D x r each) + mean (D), for keys and values, per layer and head, at fp16
   assert comp.shared_bits(params) == 2 * 2 * (2 * D * rk + 2 * D * rv + 2 * D) * 16

@@ -70,7 +70,7 @@ def test_fit_pca_matches_svd_subspace():
 
 
 def test_shared_bits_equal_hand_count():
-  comp = compress.make('pca', G, Budget(T * 16 * 7), key_fraction=0.5)    # 7 coefficient dims: 4 key, 3 value
+  comp = compress.make('pca', G, Budget(T * 16 * 7 + 16), key_fraction=0.5)   # 7 dims (4 key, 3 value) + count
   assert comp.plan() == (T, 4, 3)
   q, k, v = synthetic.var_like_qkv(jax.random.key(1), G.patch_nums, layers=2, batch=2, heads=3, head_dim=D)
   params = comp.init_params(jax.random.key(0), 2, 3, calibration={'k': k, 'v': v})
@@ -95,7 +95,7 @@ def _fp16_cache_error(q, k, v, exact):
 
 
 def test_full_rank_reproduces_exact_attention():
-  comp = _NoPassthroughPCA(geometry=G, budget=Budget(G.full_bits))
+  comp = _NoPassthroughPCA(geometry=G, budget=Budget(G.full_bits + 16))   # + the count
   assert comp.plan() == (T, D, D)
   q, k, v = synthetic.var_like_qkv(jax.random.key(2), G.patch_nums, layers=1, batch=2, heads=2, head_dim=D)
   _, ck, cv = synthetic.var_like_qkv(jax.random.key(3), G.patch_nums, layers=1, batch=2, heads=2, head_dim=D)
@@ -104,7 +104,7 @@ def test_full_rank_reproduces_exact_attention():
   exact = block_causal_attention(q[0], k[0], v[0], G.patch_nums)
   err, floor = float(rel_error(out, exact)), _fp16_cache_error(q[0], k[0], v[0], exact)
   assert err < 3 * floor + 1e-4, (err, floor)                    # fp16 coefficients and bases
-  assert int(comp.bits(states[-2]).max()) == T * 2 * D * 16 == G.full_bits   # no count: implied
+  assert int(comp.bits(states[-2]).max()) == T * 2 * D * 16 + 16   # + the stored count
 
 
 @pytest.mark.parametrize('r', [3])
@@ -114,13 +114,13 @@ def test_rank_r_data_is_exact_at_rank_r(r):
   exact = block_causal_attention(q[0], k[0], v[0], G.patch_nums)
   errs = {}
   for rank in (r, r - 1):
-    comp = compress.make('pca', G, Budget(T * 2 * rank * 16))
+    comp = compress.make('pca', G, Budget(T * 2 * rank * 16 + 16))
     assert comp.plan() == (T, rank, rank)
     params = comp.init_params(jax.random.key(0), 1, 2, calibration={'k': ck, 'v': cv})
     out, states = _run(comp, _layer0(params), q[0], k[0], v[0])
     errs[rank] = float(rel_error(out, exact))
     for s in states:
-      assert int(comp.bits(s).max()) == int(s.count.max()) * 2 * rank * 16 <= comp.budget.bits
+      assert int(comp.bits(s).max()) == int(s.count.max()) * 2 * rank * 16 + 16 <= comp.budget.bits
   assert errs[r] < 3 * _fp16_cache_error(q[0], k[0], v[0], exact) + 1e-4, errs
   assert errs[r - 1] > 10 * errs[r], errs
 

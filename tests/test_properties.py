@@ -3,7 +3,10 @@
 For each compressor in `compress.compress.available()`:
 - bits(state) <= budget after every scale (unless the class says respects_budget = False);
 - a budget at or above the full cache reproduces exact attention (float32 geometry: tight tolerance;
-  float16: attention over fp16-rounded cached keys/values, each scale's own tokens exact);
+  float16: attention over fp16-rounded cached keys/values, each scale's own tokens exact). That budget
+  runs the passthrough full cache, not the compressor's code: tests/test_exact_own_code.py runs each
+  compressor's own code at a budget holding every token, tests/test_accounting.py checks bits(state)
+  against the arrays the state holds;
 - outputs are finite (budget 0, tiny budgets, large logits included);
 - the jitted run (compress.compress.run_teacher_forced) equals an eager op-by-op run (in the explicit
   example marked 'eager': eager runs compile every primitive at every new shape, which is slow).

@@ -95,18 +95,18 @@ def rd_curve(lam: np.ndarray, d: int, eps: np.ndarray | None = None) -> dict[str
   return {'eps': eps, 'bits': rd_bits(eps, lam, d)}
 
 
-def water_filling_curve(variances: np.ndarray, total: float, points: int = 48
+def water_filling_curve(variances: np.ndarray, total: float, points: int = 48, depth: float = 1e-7
                         ) -> dict[str, np.ndarray]:
   """Reverse water-filling over independent Gaussian components of the given `variances` (any shape):
   at each water level theta, bits = sum max(0, 0.5 log2(v / theta)) and the relative error is
   sqrt(sum min(theta, v) / total). `total`: the energy errors are relative to (>= sum of variances
   when part of the signal is exact). Returns {'bits', 'rel_error'} for `points` levels from the largest
-  variance down to 1e-7 of it, bits increasing."""
+  variance down to `depth` times it, bits increasing."""
   v = np.asarray(variances, np.float64).ravel()
   v = np.sort(v[v > 0])
   if v.size == 0 or not total > 0:
     raise ValueError('need positive component variances and total energy')
-  levels = v[-1] * np.geomspace(1.0, 1e-7, points)
+  levels = v[-1] * np.geomspace(1.0, depth, points)
   csum = np.concatenate([[0.0], np.cumsum(v)])
   logs = np.concatenate([[0.0], np.cumsum(np.log2(v))])
   n_below = np.searchsorted(v, levels)                       # components with v < theta
