@@ -90,6 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_sequences = 64                # at most this many validation sequences
   c.eval_batch = 16                    # sequences per evaluation chunk
   c.eval_at_start = True               # evaluate the initialisation and the baseline at step 0
+  c.eval_at_end = True                 # evaluate the last step (eval_every <= 0: no periodic evaluation)
   # bookkeeping (runtime keys: may change when resuming)
   c.log_every = 25
   c.eval_every = 500

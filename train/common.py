@@ -284,7 +284,9 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str, state: TrainStat
         bar.set_postfix({k: f'{last[k]:.4g}' for k in ('loss', 'acc') if k in last})
         logging.info('step %d: %s', done, ', '.join(f'{k}={v:.4g}' for k, v in last.items()))
         acc, n_acc, busy = {}, 0, 0.0
-      if eval_fn is not None and (done % config.eval_every == 0 or done == config.num_steps):
+      periodic = config.eval_every > 0 and done % config.eval_every == 0
+      final = done == config.num_steps and config.get('eval_at_end', True)
+      if eval_fn is not None and (periodic or final):
         for k, v in eval_fn(state, done, writer).items():
           writer.add_scalar(f'eval/{k}', v, done)
           last[f'eval_{k}'] = v
