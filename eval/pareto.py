@@ -32,6 +32,13 @@ def lower_envelope(bits: Sequence[float], err: Sequence[float]) -> list[int]:
   return out
 
 
+def x_value(r: Mapping[str, Any], x: str = X) -> float:
+  """A row's memory: column `x`, or its per-head `bits` where `x` is missing (tables written before
+  amortised bits, bound rows)."""
+  v = as_float(r, x)
+  return v if np.isfinite(v) else as_float(r, 'bits')
+
+
 def _truthy(v: Any) -> bool:
   return str(v).lower() in ('true', '1')
 
@@ -45,6 +52,6 @@ def frontier_rows(rows: Sequence[Mapping[str, Any]], x: str = X, y: str = 'rel_e
     groups = [('all', pts)] + [(f'family:{f}', [r for r in pts if r['family'] == f])
                                for f in sorted({r['family'] for r in pts})]
     for name, group in groups:
-      idx = lower_envelope([as_float(r, x) for r in group], [as_float(r, y) for r in group])
+      idx = lower_envelope([x_value(r, x) for r in group], [as_float(r, y) for r in group])
       out += [{'frontier': name, **{c: group[i].get(c) for c in COLUMNS if c != 'frontier'}} for i in idx]
   return out

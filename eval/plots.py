@@ -85,9 +85,10 @@ def frontier_figure(rows: Sequence[Mapping[str, Any]], pareto: Sequence[Mapping[
               where='post', lw=2.5, alpha=0.5, label='Pareto frontier')
     xs = [x_of(r) for r in mine]
     x_min = min([x for x in xs if x > 0], default=1e-3) / 30    # curves drawn over the points' range
+    y_min = min([y(r) for r in mine], default=ERROR_FLOOR) / 100
     for c, style in zip(panel['curves'], itertools.cycle(['--', ':', '-.'])):
       bpc, err = np.asarray(c['bits_per_coordinate'], float), np.asarray(c['rel_error'], float)
-      ok = (bpc >= x_min) & np.isfinite(err) & (err > 0)    # a zero bound has no place on log axes
+      ok = (bpc >= x_min) & np.isfinite(err) & (err >= y_min)   # zero has no place on log axes
       ax.plot(bpc[ok], err[ok], style, color='0.35', lw=1.8, label=c['label'])
     ax.set_xscale('log')
     ax.set_yscale('log')
