@@ -54,7 +54,7 @@ def method_params(config, workdir: str, spec: sweep.MethodSpec, comp: compress.C
     if not os.path.isdir(folder):
       raise FileNotFoundError(f'no trained run {folder!r}: the frontier did not train {spec} at '
                               f'{comp.budget.bits} bits (add it to learned.methods / learned.budgets)')
-    from var_jax.capture import fingerprint  # pylint: disable=g-import-not-at-top
+    from var_jax.provenance import fingerprint  # pylint: disable=g-import-not-at-top
     return trainer.load_trained(folder, expect=fingerprint(os.path.join(workdir, 'capture')))[1]
   calib = None
   if comp.needs_calibration:

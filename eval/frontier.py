@@ -39,7 +39,7 @@ import compress
 from compress.core.budget import Budget, CacheGeometry
 from eval import closed_loop, gaussian_reference, hard, pareto, plots, rank_bound, sweep, tb
 from eval.params import Params
-from eval.results import ResultTable, write_table
+from eval.results import Paths, ResultTable, write_table
 from eval.sweep import FULL_BUDGET, MethodSpec
 
 ALL = 'all'          # in a methods list: every registered compressor of that kind
@@ -49,18 +49,6 @@ EXTENDABLE = ('sweep.methods', 'sweep.budgets', 'learned.methods', 'learned.budg
               'closed_loop.budgets', 'rank_bound.settings', 'hard.methods', 'hard.budgets')
 # applies_to: the families a bound holds for ('all': every compressor; 'reference': not a bound)
 BOUND_COLUMNS = ('dataset', 'bound', 'setting', 'applies_to', 'bits', 'bits_per_coordinate', 'rel_error')
-
-
-class Paths:
-  """Where the outputs of the run in `workdir` live."""
-  FILES = {'frontier': 'frontier.csv', 'pareto': 'pareto.csv', 'bounds': 'bounds.csv',
-           'closed': 'closed_loop.csv', 'png': 'frontier.png', 'tb': 'tb', 'capture': 'capture',
-           'samples': 'closed_loop'}
-
-  def __init__(self, workdir: str):
-    self.workdir = workdir
-    for name, rel in self.FILES.items():
-      setattr(self, name, os.path.join(workdir, rel))
 
 
 # ---------------------------------------------------------------------------- jobs

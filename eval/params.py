@@ -56,7 +56,7 @@ class Params:
   def provenance(self) -> dict[str, str]:
     """Fingerprints of this run's capture (trained compressors loaded from elsewhere must match)."""
     if not hasattr(self, '_provenance'):
-      from var_jax.capture import fingerprint  # pylint: disable=g-import-not-at-top
+      from var_jax.provenance import fingerprint  # pylint: disable=g-import-not-at-top
       self._provenance = fingerprint(self.capture_dir)
     return self._provenance
 

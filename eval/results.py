@@ -94,3 +94,15 @@ def write_table(path: str, columns: Sequence[str], rows: Iterable[Mapping[str, A
 def as_float(row: Mapping[str, Any], col: str) -> float:
   v = row.get(col)
   return float('nan') if v in (None, '') else float(v)
+
+
+class Paths:
+  """Where the outputs of the run in `workdir` live."""
+  FILES = {'frontier': 'frontier.csv', 'pareto': 'pareto.csv', 'bounds': 'bounds.csv',
+           'closed': 'closed_loop.csv', 'png': 'frontier.png', 'tb': 'tb', 'capture': 'capture',
+           'samples': 'closed_loop'}
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    for name, rel in self.FILES.items():
+      setattr(self, name, os.path.join(workdir, rel))

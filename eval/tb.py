@@ -57,7 +57,7 @@ from tensorboardX.proto.tensor_pb2 import TensorProto
 from tensorboardX.proto.types_pb2 import DT_FLOAT
 
 from eval import pareto as pareto_lib
-from eval.results import as_float
+from eval.results import as_float, Paths
 
 DIGEST = '.digest'
 LAYOUT = 2                     # part of the digest: a new layout rebuilds every run's tb/ once
@@ -301,7 +301,6 @@ def write(tb_dir: str, key: str, rows: Sequence[Mapping[str, Any]], pareto: Sequ
 def rebuild(workdir: str, force: bool = False) -> bool:
   """Rebuilds WORKDIR/tb (and tb_hparams) from the run's tables, frontier.png and samples_*.png as
   `eval.frontier` would; returns False when they were up to date (and not `force`)."""
-  from eval.frontier import Paths  # pylint: disable=g-import-not-at-top  (eval.frontier imports this module)
   from PIL import Image  # pylint: disable=g-import-not-at-top
   paths = Paths(workdir)
   if not os.path.exists(paths.frontier):

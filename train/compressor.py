@@ -88,11 +88,11 @@ def load_data(data: ml_collections.ConfigDict) -> tuple[Any, Any]:
 
 def data_provenance(data: ml_collections.ConfigDict) -> dict[str, str]:
   """What the caches come from: {'model': weights sha256, 'capture': capture fingerprint}
-  (`var_jax.capture.fingerprint`); synthetic caches: 'synthetic' and a hash of their config."""
+  (`var_jax.provenance.fingerprint`); synthetic caches: 'synthetic' and a hash of their config."""
   if data.source == 'synthetic':
     key = json.dumps({k: data[k] for k in sorted(data.keys()) if k != 'path'}, sort_keys=True, default=list)
     return {'model': 'synthetic', 'capture': 'synthetic-' + hashlib.sha256(key.encode()).hexdigest()}
-  from var_jax.capture import fingerprint  # pylint: disable=g-import-not-at-top
+  from var_jax.provenance import fingerprint  # pylint: disable=g-import-not-at-top
   return fingerprint(data.path)
 
 

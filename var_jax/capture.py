@@ -31,15 +31,13 @@ import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Mapping, Sequence
 
-import jax
 import numpy as np
-from flax import nnx
 
 from var_jax import config as config_lib
 from var_jax.api import VARModel
+from var_jax.provenance import MANIFEST, manifest_identity, weights_sha256
 
 FORMAT = 'var-kv-capture/1'
-MANIFEST = 'manifest.json'
 VAL_SEED_OFFSET = 1_000_000
 DTYPES = ('float32', 'float16')
 KINDS = ('q', 'k', 'v')
@@ -111,18 +109,6 @@ def shard_plan(train_shards: int, val_shards: int, shard_size: int, seed: int,
   return plan
 
 
-def weights_sha256(model: VARModel) -> str:
-  """sha256 over every VAR and VQ-VAE variable (path, dtype, shape, bytes): the model's identity."""
-  sha = hashlib.sha256()
-  for prefix, module in (('var', model.var), ('vae', model.vae)):
-    leaves = jax.tree_util.tree_flatten_with_path(nnx.state(module, nnx.Not(nnx.RngState)))[0]
-    for path, leaf in sorted(leaves, key=lambda pl: jax.tree_util.keystr(pl[0])):
-      arr = np.ascontiguousarray(np.asarray(leaf))
-      sha.update(f'{prefix}{jax.tree_util.keystr(path)}:{arr.dtype.str}:{arr.shape};'.encode())
-      sha.update(arr.tobytes())
-  return sha.hexdigest()
-
-
 def _diff(old: Any, new: Any, prefix: str = '') -> list[str]:
   """Dotted names of the fields where two JSON values differ."""
   if isinstance(old, dict) and isinstance(new, dict):
@@ -168,13 +154,6 @@ def _manifest(model: VARModel, plan: list[dict[str, Any]], **args: Any) -> dict[
       'shards': {}}))
 
 
-def _identity(manifest: Mapping[str, Any]) -> dict[str, Any]:
-  """What a re-run must match: everything but the finished shards and the model's source."""
-  ident = {k: v for k, v in manifest.items() if k != 'shards'}
-  ident['model'] = {k: v for k, v in ident.get('model', {}).items() if k != 'source'}
-  return ident
-
-
 def capture(model: VARModel, out_dir: str | os.PathLike, *, train_shards: int, val_shards: int,
             shard_size: int, seed: int = 0, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
             dtype: str = 'float32', progress: bool = True,
@@ -196,7 +175,7 @@ def capture(model: VARModel, out_dir: str | os.PathLike, *, train_shards: int, v
                        val_shards=int(val_shards), source=source)
   if path.is_file():
     old = json.loads(path.read_text())
-    diffs = _diff(_identity(old), _identity(manifest))
+    diffs = _diff(manifest_identity(old), manifest_identity(manifest))
     if diffs:
       raise ValueError(f'{out} holds a capture made with other arguments; differing: {"; ".join(diffs)}. '
                        'Use a new --out directory (earlier results are never deleted), or re-run with '
@@ -233,18 +212,6 @@ def capture(model: VARModel, out_dir: str | os.PathLike, *, train_shards: int, v
       _write_json(path, manifest)   # the shard counts as finished only from here on
       bar.update(1)
   return os.fspath(out_dir)
-
-
-def fingerprint(path: str | os.PathLike) -> dict[str, str]:
-  """Provenance of a capture directory: {'model': the weights' sha256, 'capture': sha256 of the
-  capture's identity (arguments, model configs and weights) and of every finished shard's files}."""
-  mpath = Path(path) / MANIFEST
-  if not mpath.exists():
-    raise FileNotFoundError(f'{mpath} not found: {path!r} is not a capture (python -m var_jax.capture)')
-  m = json.loads(mpath.read_text())
-  shards = {n: e['sha256'] for n, e in sorted(m['shards'].items())}
-  body = json.dumps({'identity': _identity(m), 'shards': shards}, sort_keys=True).encode()
-  return {'model': m['model']['weights_sha256'], 'capture': hashlib.sha256(body).hexdigest()}
 
 
 # ------------------------------------------------------------------------------ reader
