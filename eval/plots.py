@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from eval import pareto as pareto_lib  # noqa: E402
-from eval.results import as_float  # noqa: E402
+from eval.results import as_float, x_of  # noqa: E402
 
 MARKERS = 'osD^v<>pPX*h'
 ERROR_FLOOR = 1e-6      # errors of exactly 0 (full cache in float32) are drawn here on log axes
@@ -22,12 +22,6 @@ ERROR_FLOOR = 1e-6      # errors of exactly 0 (full cache in float32) are drawn 
 def _family_colours(families: Sequence[str]) -> dict[str, Any]:
   cmap = plt.get_cmap('tab10')
   return {f: cmap(i % 10) for i, f in enumerate(sorted(families))}
-
-
-def x_of(r: Mapping[str, Any]) -> float:
-  """A point's x: amortised bits per coordinate (per-head bits + its share of shared parameters)."""
-  x = as_float(r, 'amortised_bits_per_coordinate')
-  return x if np.isfinite(x) else as_float(r, 'bits_per_coordinate')
 
 
 def panels_of(rows: Sequence[Mapping[str, Any]], curves: Sequence[Mapping[str, Any]]) -> list[dict]:

@@ -96,6 +96,13 @@ def as_float(row: Mapping[str, Any], col: str) -> float:
   return float('nan') if v in (None, '') else float(v)
 
 
+def x_of(r: Mapping[str, Any]) -> float:
+  """A frontier point's x (frontier.png, TensorBoard): amortised bits per coordinate (per-head bits plus
+  its share of the shared parameters), else (tables without that column) bits per coordinate."""
+  x = as_float(r, 'amortised_bits_per_coordinate')
+  return x if x == x else as_float(r, 'bits_per_coordinate')
+
+
 class Paths:
   """Where the outputs of the run in `workdir` live."""
   FILES = {'frontier': 'frontier.csv', 'pareto': 'pareto.csv', 'bounds': 'bounds.csv',

@@ -57,7 +57,7 @@ from tensorboardX.proto.tensor_pb2 import TensorProto
 from tensorboardX.proto.types_pb2 import DT_FLOAT
 
 from eval import pareto as pareto_lib
-from eval.results import as_float, Paths
+from eval.results import as_float, Paths, x_of
 
 DIGEST = '.digest'
 LAYOUT = 2                     # part of the digest: a new layout rebuilds every run's tb/ once
@@ -143,13 +143,6 @@ def _staircase(pts: list[tuple[int, float]]) -> list[tuple[int, float]]:
       out.append((s - 1, out[-1][1]))
     out.append((s, y))
   return out
-
-
-def x_of(r: Mapping[str, Any]) -> float:
-  """A point's x, as frontier.png and pareto.csv: amortised bits per coordinate (per-head bits plus
-  the share of shared parameters), else (tables without that column) bits per coordinate."""
-  x = as_float(r, 'amortised_bits_per_coordinate')
-  return x if math.isfinite(x) else as_float(r, 'bits_per_coordinate')
 
 
 def curve_run(name: str, setting: str, applies_to: str = '') -> str:

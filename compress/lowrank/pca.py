@@ -114,6 +114,14 @@ class LowRankBase(Compressor):
     x = jnp.einsum('bhmr,hdr->bhmd', coef_BHMR.astype(f32), params[f'{t}_basis'].astype(f32))
     return x + params[f'{t}_mean'].astype(f32)[None, :, None, :]
 
+  def attend_stored(self, params, state: Slots, q_BHSD, k_BHSD, v_BHSD):
+    """`attend` over the keys/values rebuilt from the stored coefficients plus the new scale:
+    (out, p_cache, p_new)."""
+    self._check_params(params)
+    ck = self.reconstruct(params, 'k', state.k)
+    cv = self.reconstruct(params, 'v', state.v)
+    return attend(q_BHSD, ck, cv, state.valid, None, k_BHSD, v_BHSD)
+
   def _check_params(self, params) -> None:
     if params is None:
       raise ValueError(f'{self.name} needs the parameters from init_params(..., calibration=...)')
@@ -138,10 +146,7 @@ class PCA(LowRankBase):
 
   def compress_step(self, params, state: Slots, q_BHSD, k_BHSD, v_BHSD, scale: int, ctx):
     del ctx
-    self._check_params(params)
-    ck = self.reconstruct(params, 'k', state.k)
-    cv = self.reconstruct(params, 'v', state.v)
-    out, _, _ = attend(q_BHSD, ck, cv, state.valid, None, k_BHSD, v_BHSD)
+    out, _, _ = self.attend_stored(params, state, q_BHSD, k_BHSD, v_BHSD)
     if self.is_last(scale):
       return out, state
     start, S = self.geometry.scale_starts[scale], self.geometry.scale_sizes[scale]
@@ -180,10 +185,7 @@ class PCAEvict(LowRankBase):
 
   def compress_step(self, params, state: Slots, q_BHSD, k_BHSD, v_BHSD, scale: int, ctx):
     del ctx
-    self._check_params(params)
-    ck = self.reconstruct(params, 'k', state.k)
-    cv = self.reconstruct(params, 'v', state.v)
-    out, p_cache, p_new = attend(q_BHSD, ck, cv, state.valid, None, k_BHSD, v_BHSD)
+    out, p_cache, p_new = self.attend_stored(params, state, q_BHSD, k_BHSD, v_BHSD)
     m = state.capacity
     if self.is_last(scale) or m == 0:
       return out, state
