@@ -71,7 +71,10 @@ def main(argv):
   threads = FLAGS.threads
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen=true '
                              f'intra_op_parallelism_threads={threads}').strip()
-  import torch  # pylint: disable=g-import-not-at-top
+  try:
+    import torch  # pylint: disable=g-import-not-at-top  (this script's own dependency)
+  except ImportError:
+    raise SystemExit('this benchmark runs the official PyTorch code: pip install torch huggingface_hub') from None
   torch.set_num_threads(threads)
   vae_t, var_t, paths = official_models(FLAGS.official_repo, FLAGS.depth, FLAGS.workdir)
   import jax  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS)
