@@ -100,11 +100,15 @@ def run_points(table: ResultTable, jobs: Sequence[tuple[MethodSpec, Any]],
       except Exception as e:  # pylint: disable=broad-except  (one broken compressor must not stop the rest)
         failed.append(f'{spec}@{budget}: {type(e).__name__}: {e}')
         print(f'\nFAILED {failed[-1]}', file=sys.stderr)
-      # A point's executables (one per scale) are never used again; hundreds of them exhaust the
-      # process's memory maps (LLVM 'Cannot allocate memory', then a crash), so drop them.
-      jax.clear_caches()
       bar.update(1)
   return failed
+
+
+def point_compiler_options(config: ml_collections.ConfigDict):
+  """XLA options of the sweep's point programs: fast compiles on CPU with config.fast_compile (a point
+  is compile-bound there: one program per method, setting and budget), XLA's defaults otherwise."""
+  from compress.core.teacher_forced import fast_compile_options  # pylint: disable=g-import-not-at-top
+  return fast_compile_options() if config.fast_compile else None
 
 
 # ---------------------------------------------------------------------------- model mode
@@ -228,7 +232,8 @@ def run_model(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable
   table = ResultTable(paths.frontier, sweep.COLUMNS, sweep.KEY)
   evaluate = lambda spec, b: sweep.evaluate_spec(spec, b, data, geometry, params, batch=config.sweep.batch,
                                                  level=config.confidence,
-                                                 served_sequences=config.sweep.served_sequences)
+                                                 served_sequences=config.sweep.served_sequences,
+                                                 compiler_options=point_compiler_options(config))
   failed = run_points(table, jobs, evaluate, config.progress, 'val')
   curves = bounds_stage(config, table, data, geometry, jobs)
   closed, grids = closed_loop_stage(config, paths, model, geometry, params)
@@ -251,7 +256,8 @@ def run_hard(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable[
   table = ResultTable(paths.frontier, sweep.COLUMNS + hard.COLUMNS, sweep.KEY)
   failed, curves = [], []
   for kind, ds in draws.items():
-    evaluate = lambda s, b, kind=kind, ds=ds: hard.evaluate_spec(kind, ds, s, b, config.confidence)
+    evaluate = lambda s, b, kind=kind, ds=ds: hard.evaluate_spec(kind, ds, s, b, config.confidence,
+                                                                   point_compiler_options(config))
     failed += run_points(table, jobs, evaluate, config.progress, kind)
     curves.append({**hard.rd_curve(kind, ds), 'bound': 'rate_distortion', 'setting': 'keys_free'})
   finish(config, paths, table.rows, curves, [], {}, 'hard instance')
@@ -302,8 +308,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if extended:
       logging.info('extending the run in %s (only what is new is computed):\n  %s', workdir,
                    '\n  '.join(extended))
-  with sweep.fast_compile(config.fast_compile):
-    return (run_hard if config.mode == 'hard' else run_model)(config, paths, prepare)
+  return (run_hard if config.mode == 'hard' else run_model)(config, paths, prepare)
 
 
 def main(argv: Sequence[str]) -> None:

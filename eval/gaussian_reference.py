@@ -36,18 +36,28 @@ def _softmax_prefix(q_XSD: np.ndarray, k_XLD: np.ndarray, start: int) -> np.ndar
 
 
 def components(data: CacheSet, batch: int = 16) -> tuple[np.ndarray, float, int]:
-  """(component variances, total exact output energy, head instances = layers x sequences x heads)."""
+  """(component variances, total exact output energy, head instances = layers x sequences x heads).
+
+  Reads `data` batch by batch (two passes: value covariances, then attention Gram spectra); keeps the
+  T eigenvalues of M^T M per (layer, sequence, head) and forms the T x D products at the end."""
   g = CacheGeometry(data.patch_nums, data.head_dim)
   T, D = g.prefix_tokens, data.head_dim
-  v_pre = data.v[:, :, :, :T].astype(np.float64)                        # (N, n, H, T, D)
-  centred = v_pre - v_pre.mean(axis=(1, 3), keepdims=True)
-  cov_NHDD = np.einsum('nbhtd,nbhte->nhde', centred, centred) / (centred.shape[1] * T)
+  N, H = data.num_layers, data.num_heads
+  s1, s2, count = np.zeros((N, H, D)), np.zeros((N, H, D, D)), 0
+  for a, b in data.batches(batch):
+    v_pre = data.numpy(a, b)['v'][:, :, :, :T].astype(np.float64)            # (N, b, H, T, D)
+    s1 += v_pre.sum(axis=(1, 3))
+    s2 += np.einsum('nbhtd,nbhte->nhde', v_pre, v_pre)
+    count += v_pre.shape[1] * T
+  mean = s1 / count
+  cov_NHDD = s2 / count - np.einsum('nhd,nhe->nhde', mean, mean)
   mu_NHD = np.clip(np.linalg.eigvalsh(cov_NHDD), 0.0, None)
-  out, total = [], 0.0
+  lams, total = [], 0.0
   for a, b in data.batches(batch):
     total += float((np.asarray(data.exact(a, b), np.float64) ** 2).sum())
-    q, k = data.q[:, a:b].astype(np.float64), data.k[:, a:b].astype(np.float64)
-    N, nb, H = q.shape[:3]
+    x = data.numpy(a, b)
+    q, k = x['q'].astype(np.float64), x['k'].astype(np.float64)
+    nb = q.shape[1]
     gram = np.zeros((N * nb * H, T, T))
     for si in range(1, len(g.patch_nums)):
       st, S = g.scale_starts[si], g.scale_sizes[si]
@@ -55,9 +65,9 @@ def components(data: CacheSet, batch: int = 16) -> tuple[np.ndarray, float, int]
       ks = k[:, :, :, :st + S].reshape(-1, st + S, D)
       P = _softmax_prefix(qs, ks, st)                                    # (X, S, st)
       gram[:, :st, :st] += np.einsum('xsi,xsj->xij', P, P)
-    lam = np.clip(np.linalg.eigvalsh(gram), 0.0, None).reshape(N, nb, H, T)
-    out.append((lam[..., :, None] * mu_NHD[:, None, :, None, :]).ravel())
-  return np.concatenate(out), total, data.num_layers * data.num_sequences * data.num_heads
+    lams.append(np.clip(np.linalg.eigvalsh(gram), 0.0, None).reshape(N, nb, H, T))
+  lam = np.concatenate(lams, axis=1)                                       # (N, n, H, T)
+  return (lam[..., :, None] * mu_NHD[:, None, :, None, :]).ravel(), total, N * data.num_sequences * H
 
 
 def curve(data: CacheSet, geometry: CacheGeometry, batch: int = 16, points: int = 48) -> dict:

@@ -45,7 +45,7 @@ def instances(hcfg: Any) -> dict[str, list[tuple[HardInstance, HardInstance]]]:
 
 
 def evaluate_spec(kind: str, draws: Sequence[tuple[HardInstance, HardInstance]], spec: MethodSpec,
-                  budget: Any, level: float) -> dict[str, Any]:
+                  budget: Any, level: float, compiler_options=None) -> dict[str, Any]:
   """One frontier.csv row of the hard instance `kind`: `spec` at `budget` over every seed's draw."""
   t0 = time.perf_counter()
   g = draws[0][0].geometry
@@ -54,7 +54,7 @@ def evaluate_spec(kind: str, draws: Sequence[tuple[HardInstance, HardInstance]],
   for inst, calib in draws:
     params = comp.init_params(jax.random.key(inst.seed), 1, 1,
                               calibration=calib.calibration() if comp.needs_calibration else None)
-    res = compress.run_teacher_forced(comp, params, inst.q, inst.k, inst.v)
+    res = compress.run_teacher_forced(comp, params, inst.q, inst.k, inst.v, compiler_options=compiler_options)
     b = int(np.asarray(res['peak_bits']).max())
     e = inst.rel_error(res['out'])
     if not np.isfinite(e):

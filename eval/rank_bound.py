@@ -21,7 +21,6 @@ from typing import Sequence
 import numpy as np
 
 from compress.core.budget import CacheGeometry
-from compress.theory import bounds
 from eval.sweep import bits_columns, CacheSet
 
 ENTRY_FAMILIES = ('reference', 'eviction', 'merging', 'matching', 'window')   # what it bounds
@@ -40,26 +39,28 @@ def own_value_complement(v_XSD: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
 
 
 class RankBound:
-  """Projected exact outputs A_s P_s of every (layer, sequence, head, scale) of `data`."""
+  """Singular values of the projected exact outputs A_s P_s of every (layer, sequence, head, scale) of
+  `data`, read batch by batch: only min(S, D) squared singular values per block are kept."""
 
   def __init__(self, data: CacheSet, batch: int = 16):
     g = CacheGeometry(data.patch_nums, data.head_dim)
     self.head_dim = data.head_dim
-    self.projected: list[list[np.ndarray]] = [[] for _ in g.scale_sizes]   # per scale, per batch
+    self.s2: list[list[np.ndarray]] = [[] for _ in g.scale_sizes]   # per scale, per batch: (X, r) desc.
     self.total = 0.0
     for a, b in data.batches(batch):
       exact = np.asarray(data.exact(a, b), np.float64)                    # (N, b, H, L, D)
       self.total += float((exact ** 2).sum())
-      v = data.v[:, a:b].astype(np.float64)
+      v = data.numpy(a, b)['v'].astype(np.float64)
       for si, (st, S) in enumerate(zip(g.scale_starts, g.scale_sizes)):
         A = exact[:, :, :, st:st + S].reshape(-1, S, self.head_dim)
         P = own_value_complement(v[:, :, :, st:st + S].reshape(-1, S, self.head_dim))
-        self.projected[si].append(np.einsum('xsd,xde->xse', A, P))
+        self.s2[si].append(np.linalg.svd(np.einsum('xsd,xde->xse', A, P), compute_uv=False) ** 2)
 
   def rel_error(self, m: int) -> float:
     """Smallest aggregate relative error of any cache whose outputs use <= m stored vectors (0 below
     `RESOLUTION`: the captured caches are float32, the SVD's rounding tail is no bound)."""
-    tail = sum(float((bounds.rank_error(AP, m) ** 2).sum()) for per in self.projected for AP in per)
+    m = max(int(m), 0)
+    tail = sum(float(s2[:, m:].sum()) for per in self.s2 for s2 in per)
     rel = float(np.sqrt(tail / max(self.total, 1e-300)))
     return rel if rel > RESOLUTION else 0.0
 

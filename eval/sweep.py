@@ -12,7 +12,6 @@ independent units (the images: the two CFG halves of an image are one unit, `ima
 from __future__ import annotations
 
 import ast
-import contextlib
 import dataclasses
 import re
 import time
@@ -42,19 +41,6 @@ ZERO_ENTRIES = 'keeps 0 entries at this budget: every output comes from the curr
 KEY = ('dataset', 'method', 'setting', 'budget')
 FULL_BUDGET = 'full'      # the budget label of the full-cache reference point
 _SPEC = re.compile(r'^\s*([A-Za-z0-9_]+)\s*(?:\((.*)\))?\s*$')
-
-
-@contextlib.contextmanager
-def fast_compile(enabled: bool = True):
-  """Within: XLA compiles with most optimisations off (`jax_disable_most_optimizations`). On CPU a
-  sweep point is dominated by compiling one step per (compressor, budget, scale); this roughly halves
-  that time and leaves the (small) run time about the same. Restores the previous setting."""
-  before = bool(jax.config.read('jax_disable_most_optimizations'))
-  jax.config.update('jax_disable_most_optimizations', bool(enabled) or before)
-  try:
-    yield
-  finally:
-    jax.config.update('jax_disable_most_optimizations', before)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,36 +99,50 @@ def parse_methods(specs: Sequence[str]) -> list[MethodSpec]:
 
 
 class CacheSet:
-  """Held-out sequences in memory: q, k, v (layers, n, H, L, D) float32 and `units` (n,) (the image of
-  each sequence); exact full-cache outputs are computed once per batch and kept."""
+  """Held-out sequences, read batch by batch: q, k, v (layers, b, H, L, D) float32 and `units` (n,)
+  (the image of each sequence). Backed by a `CaptureDataset` (memory-mapped shards: memory does not
+  grow with the number of sequences) or by in-memory arrays (layers, n, H, L, D) (tests, small sets)."""
 
-  def __init__(self, qkv: dict[str, np.ndarray], units: np.ndarray, patch_nums: Sequence[int]):
-    self.q, self.k, self.v = (np.asarray(qkv[t], np.float32) for t in 'qkv')
-    self.units = np.asarray(units)
+  def __init__(self, qkv: dict[str, np.ndarray] | Any, units: np.ndarray, patch_nums: Sequence[int],
+               num_sequences: int | None = None):
+    if isinstance(qkv, dict):
+      self._arrays = {t: np.asarray(qkv[t], np.float32) for t in 'qkv'}
+      self._reader = None
+      self.num_layers, n, self.num_heads, self.num_tokens, self.head_dim = self._arrays['q'].shape
+    else:                                      # a CaptureDataset (or anything with .get(indices))
+      self._arrays, self._reader = None, qkv
+      self.num_layers, self.num_heads, self.num_tokens, self.head_dim = (
+          qkv.num_layers, qkv.num_heads, qkv.num_tokens, qkv.head_dim)
+      n = qkv.num_sequences
+    self.num_sequences = int(n if num_sequences is None else min(num_sequences, n))
+    self.units = np.asarray(units)[:self.num_sequences]
     self.patch_nums = tuple(int(p) for p in patch_nums)
-    self.num_layers, self.num_sequences, self.num_heads, self.num_tokens, self.head_dim = self.q.shape
     if self.units.shape != (self.num_sequences,):
       raise ValueError(f'units must be (n,) = ({self.num_sequences},), got {self.units.shape}')
-    self._exact: dict[tuple[int, int], jax.Array] = {}
 
   @classmethod
   def from_dataset(cls, ds: Any, max_sequences: int = 0) -> CacheSet:
     """The first `max_sequences` (0: all) sequences of a `CaptureDataset` split; units = images."""
     n = ds.num_sequences if max_sequences <= 0 else min(max_sequences, ds.num_sequences)
-    idx = np.arange(n)
-    return cls(ds.get(idx), image_units(ds)[idx], ds.patch_nums)
+    return cls(ds, image_units(ds), ds.patch_nums, n)
 
   def batches(self, batch: int) -> list[tuple[int, int]]:
     b = max(1, int(batch))
     return [(i, min(i + b, self.num_sequences)) for i in range(0, self.num_sequences, b)]
 
+  def numpy(self, a: int, b: int) -> dict[str, np.ndarray]:
+    """{'q', 'k', 'v'}: float32 (layers, b - a, H, L, D) of sequences [a, b)."""
+    if self._reader is not None:
+      return self._reader.get(np.arange(a, b))
+    return {t: x[:, a:b] for t, x in self._arrays.items()}
+
   def slice(self, a: int, b: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    return tuple(jnp.asarray(x[:, a:b]) for x in (self.q, self.k, self.v))
+    x = self.numpy(a, b)
+    return tuple(jnp.asarray(x[t]) for t in 'qkv')
 
   def exact(self, a: int, b: int) -> jax.Array:
-    if (a, b) not in self._exact:
-      self._exact[(a, b)] = compress.exact_outputs(*self.slice(a, b), self.patch_nums)
-    return self._exact[(a, b)]
+    """Full-cache float32 outputs (layers, b - a, H, L, D) of sequences [a, b) (computed, not kept)."""
+    return compress.exact_outputs(*self.slice(a, b), self.patch_nums)
 
 
 def image_units(ds: Any) -> np.ndarray:
@@ -161,25 +161,15 @@ def image_units(ds: Any) -> np.ndarray:
   return units
 
 
-def squared_errors(out_NBHLD: jax.Array, exact_NBHLD: jax.Array, patch_nums: Sequence[int]
-                   ) -> tuple[np.ndarray, np.ndarray]:
-  """(d2, e2), each (B, N, K) float64: sum over heads, dims and the scale's tokens of |out - exact|^2
-  and |exact|^2, per sequence, layer and scale."""
-  d2_NBL = np.asarray(jnp.sum((out_NBHLD.astype(jnp.float32) - exact_NBHLD) ** 2, axis=(2, 4)), np.float64)
-  e2_NBL = np.asarray(jnp.sum(exact_NBHLD ** 2, axis=(2, 4)), np.float64)
-  starts = np.cumsum([0] + [p * p for p in patch_nums[:-1]])
-  per_scale = lambda x: np.moveaxis(np.add.reduceat(x, starts, axis=2), 0, 1)   # (B, N, K)
-  return per_scale(d2_NBL), per_scale(e2_NBL)
-
-
-def run_point(comp: compress.Compressor, params: Any, data: CacheSet, batch: int) -> dict[str, np.ndarray]:
-  """Runs `comp` teacher forced over every held-out sequence: d2, e2 (n, N, K), peak_bits (N, n, H)."""
+def run_point(comp: compress.Compressor, params: Any, data: CacheSet, batch: int,
+              compiler_options=None) -> dict[str, np.ndarray]:
+  """Runs `comp` teacher forced over every held-out sequence, batch by batch (one compiled program for
+  every full batch): d2, e2 (n, N, K) float64, peak_bits (N, n, H), peak_entries (-1: no count)."""
   d2, e2, bits, entries = [], [], [], []
   for a, b in data.batches(batch):
-    res = compress.run_teacher_forced(comp, params, *data.slice(a, b))
-    x, y = squared_errors(res['out'], data.exact(a, b), data.patch_nums)
-    d2.append(x)
-    e2.append(y)
+    res = compress.teacher_forced_errors(comp, params, *data.slice(a, b), compiler_options=compiler_options)
+    d2.append(np.asarray(res['d2'], np.float64))
+    e2.append(np.asarray(res['e2'], np.float64))
     bits.append(np.asarray(res['peak_bits']))
     entries.append(-1 if res['peak_entries'] is None else int(np.asarray(res['peak_entries']).max()))
   return {'d2': np.concatenate(d2), 'e2': np.concatenate(e2), 'peak_bits': np.concatenate(bits, axis=1),
@@ -213,13 +203,14 @@ def bits_columns(bits: float, geometry: CacheGeometry, shared_bits: int = 0, hea
 
 def evaluate_spec(spec: MethodSpec, budget: Any, data: CacheSet, geometry: CacheGeometry,
                   params_fn: Callable[[MethodSpec, compress.Compressor], Any], *, batch: int, level: float,
-                  dataset: str = 'val', served_sequences: int = 0) -> dict[str, Any]:
+                  dataset: str = 'val', served_sequences: int = 0, compiler_options=None) -> dict[str, Any]:
   """One frontier.csv row: `spec` at `budget` (FULL_BUDGET: the full cache) over `data`; shared bits
-  are amortised over `served_sequences` (0: the held-out sequences evaluated)."""
+  are amortised over `served_sequences` (0: the held-out sequences evaluated); `compiler_options` for
+  the point's program (compress.core.teacher_forced.fast_compile_options())."""
   t0 = time.perf_counter()
   comp = spec.make(geometry, compress.Budget(geometry.full_bits) if budget == FULL_BUDGET else budget)
   params = params_fn(spec, comp)
-  res = run_point(comp, params, data, batch)
+  res = run_point(comp, params, data, batch, compiler_options)
   bits = float(res['peak_bits'].max())
   summary = summarize(res['d2'], res['e2'], data.units, level)
   if not np.isfinite(summary['rel_error']):

@@ -59,12 +59,13 @@ def test_gaussian_reference_components_brute_force(data):
   g = CacheGeometry(PN, D)
   T = g.prefix_tokens
   want = 0.0
+  x = data.numpy(0, data.num_sequences)
   for n in range(data.num_layers):
     for h in range(data.num_heads):
-      vals = data.v[n, :, h, :T].astype(np.float64).reshape(-1, D)
+      vals = x['v'][n, :, h, :T].astype(np.float64).reshape(-1, D)
       cov = np.cov(vals.T, bias=True)
       for b in range(data.num_sequences):
-        q, k = data.q[n, b, h].astype(np.float64), data.k[n, b, h].astype(np.float64)
+        q, k = x['q'][n, b, h].astype(np.float64), x['k'][n, b, h].astype(np.float64)
         tr = 0.0
         for si in range(1, len(PN)):
           st, S = g.scale_starts[si], g.scale_sizes[si]

@@ -1,0 +1,111 @@
+"""The teacher-forced engine (compress.core.teacher_forced): one compiled program per compressor and
+budget, the same outputs as stepping scale by scale, and compiles that do not grow with the scales.
+
+- For every registered compressor, the whole-schedule program equals the per-scale jitted steps the
+  engine replaced (outputs to fp32 rounding, bits exactly), and the fused error sums equal the sums of
+  its outputs against the full cache.
+- Evaluating a compressor at 4 budgets compiles at most 3 programs more than at 1 budget (counted with
+  jax.monitoring's backend-compile events), and a second pass over the same budgets compiles nothing.
+"""
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+import compress
+from compress.core import synthetic
+from compress.core.budget import CacheGeometry
+from compress.core.teacher_forced import fast_compile_options
+from eval import sweep
+
+PN = (1, 2, 3)
+D = 8
+FAST = fast_compile_options()
+
+
+@functools.partial(jax.jit, static_argnames=('comp', 'scale'), compiler_options=None if FAST is None else dict(FAST))
+def _layers_step(comp, params, state, q, k, v, future_q, scale):
+  """The engine before: one program per scale, vmapped over layers."""
+  def one(p, s, q_, k_, v_, fq):
+    out, s = comp.step(p, s, q_, k_, v_, scale, compress.StepContext(future_q=fq))
+    return out, s, comp.bits(s)
+  return jax.vmap(one, in_axes=(None if params is None else 0, 0, 0, 0, 0, 0 if comp.oracle else None))(
+      params, state, q, k, v, future_q)
+
+
+def per_scale(comp, params, q, k, v):
+  g = comp.geometry
+  N, B, H = q.shape[:3]
+  state = jax.vmap(lambda _: comp.init_state(B, H))(np.arange(N))
+  outs, bits = [], []
+  for si, (st, S) in enumerate(zip(g.scale_starts, g.scale_sizes)):
+    sl = slice(st, st + S)
+    fq = q[:, :, :, st + S:] if comp.oracle else None
+    out, state, b = _layers_step(comp, params, state, q[:, :, :, sl], k[:, :, :, sl], v[:, :, :, sl], fq, si)
+    outs.append(np.asarray(out))
+    bits.append(np.asarray(b))
+  return np.concatenate(outs, axis=3), np.stack(bits, -1)
+
+
+@pytest.fixture(scope='module')
+def qkv():
+  return synthetic.var_like_qkv(jax.random.key(1), PN, layers=2, batch=2, heads=2, head_dim=D)
+
+
+@pytest.mark.parametrize('name', compress.available())
+def test_whole_schedule_equals_per_scale_steps(name, qkv):
+  g = CacheGeometry(PN, D)
+  comp = compress.make(name, g, '30%')
+  q, k, v = qkv
+  calib = None
+  if comp.needs_calibration:
+    cq, ck, cv = synthetic.var_like_qkv(jax.random.key(2), PN, layers=2, batch=2, heads=2, head_dim=D)
+    calib = {'q': cq, 'k': ck, 'v': cv}
+  params = comp.init_params(jax.random.key(0), 2, 2, calibration=calib)
+  want_out, want_bits = per_scale(comp, params, q, k, v)
+  res = compress.run_teacher_forced(comp, params, q, k, v, compiler_options=FAST)
+  np.testing.assert_allclose(np.asarray(res['out']), want_out, rtol=1e-5, atol=1e-6, err_msg=name)
+  np.testing.assert_array_equal(np.asarray(res['bits']), want_bits, err_msg=name)
+  fused = compress.teacher_forced_errors(comp, params, q, k, v, compiler_options=FAST)
+  exact = np.asarray(compress.exact_outputs(q, k, v, PN), np.float64)
+  d2_NBL = ((want_out - exact) ** 2).sum(axis=(2, 4))
+  starts = np.cumsum((0,) + g.scale_sizes[:-1])
+  want_d2 = np.moveaxis(np.add.reduceat(d2_NBL, starts, axis=2), 0, 1)          # (B, N, K)
+  np.testing.assert_allclose(np.asarray(fused['d2']), want_d2, rtol=1e-4, atol=1e-9, err_msg=name)
+  np.testing.assert_array_equal(np.asarray(fused['peak_bits']), want_bits.max(-1), err_msg=name)
+
+
+class CompileCounter:
+  """Counts XLA backend compiles (jax.monitoring events) while active."""
+
+  def __init__(self):
+    self.count, self.active = 0, False
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+  def _listen(self, event, duration, **kwargs):
+    del duration, kwargs
+    if self.active and event == '/jax/core/compile/backend_compile_duration':
+      self.count += 1
+
+  def measure(self, fn):
+    self.count, self.active = 0, True
+    try:
+      fn()
+    finally:
+      self.active = False
+    return self.count
+
+
+def test_compiles_per_budget_not_per_scale(qkv):
+  g = CacheGeometry((1, 2, 3, 4), D)
+  q, k, v = synthetic.var_like_qkv(jax.random.key(3), g.patch_nums, layers=2, batch=4, heads=2, head_dim=D)
+  data = sweep.CacheSet({'q': np.asarray(q), 'k': np.asarray(k), 'v': np.asarray(v)},
+                        np.array([0, 0, 1, 1]), g.patch_nums)
+  counter = CompileCounter()
+  point = lambda b: sweep.run_point(compress.make('cam', g, b), None, data, batch=4, compiler_options=FAST)
+  one = counter.measure(lambda: point('10%'))
+  four = counter.measure(lambda: [point(b) for b in ('12.5%', '25%', '40%', '50%')])
+  again = counter.measure(lambda: [point(b) for b in ('12.5%', '25%', '40%', '50%')])
+  assert one >= 1 and four <= one + 3, (one, four)           # one program per budget, not per scale
+  assert again == 0
