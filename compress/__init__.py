@@ -19,7 +19,7 @@ from compress.core.registry import available, make, register, REGISTRY
 from compress.core.teacher_forced import errors, exact_outputs, run_teacher_forced, teacher_forced_errors
 
 # The built-in families, imported explicitly: each module registers its compressors on import.
-from compress import eviction, lowrank, matching, merging, quantization, reference, window  # noqa: E402,F401
+from compress import composed, eviction, lowrank, matching, merging, quantization, reference, window  # noqa: E402,F401
 
 __all__ = ['Budget', 'CacheGeometry', 'Compressor', 'CompressorPolicy', 'REGISTRY', 'StepContext',
            'available', 'errors', 'exact_outputs', 'make', 'register', 'run_teacher_forced', 'synthetic',

@@ -21,7 +21,8 @@ import ml_collections
 VARIANTS = ('tiny', 'default')
 DEFAULT_COMPRESSOR = 'lowrank_learned'
 # The heuristic of the same family evaluated once at the start, at the same budget, for reference.
-BASELINES = {'lowrank_learned': 'pca', 'evict_learned': 'scalekv', 'merge_learned': 'cam'}
+BASELINES = {'lowrank_learned': 'pca', 'evict_learned': 'scalekv', 'merge_learned': 'cam',
+             'composed_learned': 'composed'}
 # Peak learning rate per compressor (the default 3e-3 otherwise). The eviction scorer's relaxed loss
 # diverges at 3e-3 on the default model's caches (held-out error 0.158 -> 0.208 in 150 steps); at 3e-4
 # it improves steadily (0.158 -> 0.150).

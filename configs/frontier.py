@@ -11,11 +11,18 @@ Variants:
   tiny     the built-in default model, 3 heuristics + the full cache and the oracle at 2 budgets,
            1 learned compressor trained for a few steps, closed loop on 1 image (smoke test).
   default  the built-in default model: the best-known heuristics of every family (+ oracle, full cache)
-           and the three learned compressors (trained on demand) at 10, 25 and 50 % of the fp16 cache,
-           rank bounds, closed loop (snapkv, kivi, learned low-rank at 10 and 25 %) on 4 images.
+           at 6 budgets from 3.125 to 50 % of the fp16 cache on 64 held-out sequences, the learned
+           eviction and merging compressors (trained on demand, 300 steps, once: their scorers serve
+           every budget), rank bounds, closed loop (kivi, merge_learned at 10 and 25 %) on 12 images.
   hard     no model: every non-learned compressor on the flat and the VAR-schedule hard instance
            against the rate-distortion bound (compress.theory.hard_instance), over 3 draws.
   full     every registered compressor (learned ones trained longer) at 6 budgets on more sequences.
+  d16      official scale: the 10-scale 256px schedule at d16 (16 layers x 16 heads, 680 tokens), 8
+           held-out images (+4 for calibration), float16 capture, 8 heuristics x 6 budgets, no training
+           or closed loop by default; fits a 2-core, 24 GiB machine (eval/bench_frontier.py measures
+           it). Random weights unless --config.model.source=official --config.model.var_ckpt=...
+           --config.model.vae_ckpt=... . d30 (30 layers x 30 heads, same schedule): ~3.5x the cache
+           per sequence; lower sweep.batch to 2 on 24 GiB.
 Larger models are one flag away: --config.model.source=official --config.model.var_ckpt=var_d16.pth
 --config.model.vae_ckpt=vae_ch160v4096z32.pth (or source=converted, model.converted=DIR).
 Override any field with --config.<field>=<value>, e.g. --config.sweep.budgets="('10%','2bpc')"
@@ -25,12 +32,13 @@ A workdir holds one run: a re-run resumes it (finished points are kept); another
 """
 import ml_collections
 
-VARIANTS = ('tiny', 'default', 'hard', 'full')
-BUDGETS = ('10%', '25%', '50%')
-# One compressor of each family (the full cache and the oracle are the references); the main job's
-# 10-minute budget on 2 CPU cores is mostly XLA compiles (one per compressor, budget and scale).
+VARIANTS = ('tiny', 'default', 'hard', 'full', 'd16')
+# 32:1 to 2:1 compression of the fp16 cache
+BUDGETS = ('3.125%', '5%', '10%', '15%', '25%', '50%')
+# One compressor of each family (the full cache and the oracle are the references); on 2 CPU cores a
+# point is mostly its XLA compile (one program per compressor and budget).
 DEFAULT_METHODS = ('full', 'oracle', 'snapkv', 'scalekv', 'tome', 'cam', 'kivi', 'pca', 'attn_matching')
-LEARNED = ('lowrank_learned', 'evict_learned', 'merge_learned')
+LEARNED = ('evict_learned', 'merge_learned')          # the main job's (lowrank_learned: in `full`)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -44,21 +52,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0                   # parameter initialisation (calibrated compressors)
   c.kv_dtype = 'float16'       # dtype of stored keys / values: the budget's yardstick
   c.confidence = 0.95          # confidence level of the intervals over images / instance draws
-  # XLA with most optimisations off: on CPU a sweep point is compile-bound (one compile per compressor,
-  # budget and scale), and this roughly halves it; turn off for large models, whose run time dominates
+  # XLA's fast-compile CPU options for the sweep's point programs (compress.core.teacher_forced): a point
+  # is compile-bound on CPU, and this halves its compile; off for large models, whose run time dominates
   c.fast_compile = True
-  # model: 'default' (var_jax.load_default) | 'official' (var_ckpt + vae_ckpt) | 'converted' (dir)
+  # model: 'default' (var_jax.load_default) | 'official' (var_ckpt + vae_ckpt) | 'converted' (dir) |
+  # 'random' (official architecture `size` with random weights: engine benchmarks, not results)
   c.model = ml_collections.ConfigDict({'source': 'default', 'var_ckpt': '', 'vae_ckpt': '',
-                                       'converted': '', 'patch_nums': ()})   # () = from the checkpoint
+                                       'converted': '', 'patch_nums': (),   # () = from the checkpoint
+                                       'size': 'd16'})
   # captured caches (var_jax.capture): images = shards x shard_size, two sequences each
-  c.capture = ml_collections.ConfigDict({'train_shards': 4, 'val_shards': 2, 'shard_size': 8, 'seed': 0,
+  c.capture = ml_collections.ConfigDict({'train_shards': 4, 'val_shards': 4, 'shard_size': 8, 'seed': 0,
                                          'cfg': 1.5, 'top_k': 0, 'top_p': 0.0, 'dtype': 'float32'})
   # teacher-forced sweep on the validation split
   c.sweep = ml_collections.ConfigDict({
       'methods': DEFAULT_METHODS,  # 'name' or 'name(key=value,...)'; 'all': every registered one
       'budgets': BUDGETS,
       'val_sequences': 0,          # 0: the whole validation split
-      'batch': 16,                 # sequences per run_teacher_forced call
+      'batch': 32,                 # sequences per compiled call (one program per method and budget)
       # training sequences given to calibrated compressors (pca, ...); 0: the whole training split,
       # the same sequences the learned compressors train on
       'calibration_sequences': 0,
@@ -74,8 +84,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.learned = ml_collections.ConfigDict({
       'methods': LEARNED, 'budgets': BUDGETS, 'checkpoint_root': '',
       'variant': 'default',
-      'train': ml_collections.ConfigDict({'num_steps': 100, 'batch_size': 8, 'warmup_steps': 10,
-                                          'eval_every': 0, 'ckpt_every': 100, 'log_every': 25,
+      # '' trains every learned compressor at every budget; a budget (e.g. '10%') trains those whose
+      # parameters do not depend on the budget (Compressor.budget_free_params: the learned scorers)
+      # once, there, and uses them at every budget (frontier.csv's trained_bits says where)
+      'train_budget': '10%',
+      'train': ml_collections.ConfigDict({'num_steps': 300, 'batch_size': 8, 'warmup_steps': 20,
+                                          'eval_every': 0, 'ckpt_every': 300, 'log_every': 50,
                                           'eval_sequences': 16, 'calibration_sequences': 0,
                                           # the sweep evaluates every method on the held-out split; skip
                                           # the trainer's own evaluations (step 0 with the baseline, ~10 s;
@@ -101,6 +115,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sweep.calibration_sequences = 8
     c.learned.methods = ('lowrank_learned',)
     c.learned.budgets = ('25%',)
+    c.learned.train_budget = ''
     c.learned.train.update({'num_steps': 10, 'batch_size': 4, 'warmup_steps': 2, 'eval_every': 10,
                             'ckpt_every': 10, 'log_every': 5, 'eval_sequences': 8,
                             'calibration_sequences': 8})
@@ -113,8 +128,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sweep.budgets = ('2.5%', '5%', '10%', '20%', '35%', '50%')
     c.learned.methods = ('all',)  # every registered learned compressor, trained at every budget
     c.learned.budgets = c.sweep.budgets
+    c.learned.train_budget = ''
     c.learned.train.update({'num_steps': 1000, 'batch_size': 16, 'eval_every': 500, 'ckpt_every': 250,
                             'eval_sequences': 64})
     c.closed_loop.update({'methods': ('window', 'snapkv', 'tome', 'kivi', 'pca', 'lowrank_learned'),
                           'budgets': ('10%', '25%', '50%'), 'labels': tuple(range(12)), 'seeds': (0, 1)})
+  elif variant == 'd16':
+    c.fast_compile = False            # run time dominates at this size
+    c.model.update({'source': 'random', 'size': 'd16'})
+    c.capture.update({'train_shards': 1, 'val_shards': 2, 'shard_size': 4, 'dtype': 'float16'})
+    c.sweep.methods = ('full', 'window', 'snapkv', 'scalekv', 'tome', 'cam', 'kivi', 'pca', 'attn_matching')
+    c.sweep.batch = 4                 # 4 sequences of 16 layers x 16 heads x 680 tokens per program call
+    c.sweep.calibration_sequences = 8
+    c.learned.methods = ()
+    c.learned.budgets = ()
+    c.rank_bound.settings = ('kv_entries',)
+    c.gaussian_reference = False
+    c.closed_loop.methods = ()
   return c

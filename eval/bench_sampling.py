@@ -21,9 +21,8 @@ from flax import nnx
 
 from compress.core.accounting import tree_bytes
 from var_jax import sampling
-from var_jax.config import SIZES, VQVAEConfig
-from var_jax.var import VAR
-from var_jax.vqvae import VQVAE
+from var_jax.config import SIZES
+from var_jax.random_init import random_models
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('size', 'd16', f'model size with random weights: {", ".join(SIZES)}')
@@ -39,19 +38,6 @@ flags.DEFINE_string('budget', '25%', 'compressor budget with its unit: 25% (of t
                     '(bits per cached coordinate) or 100000bits (see compress.Budget.parse)')
 
 
-def random_model(build, seed: int):
-  """Builds `build()` abstractly and fills its float leaves with small normals (fast at d16)."""
-  graph, state = nnx.split(nnx.eval_shape(build))
-  leaves, treedef = jax.tree.flatten(state)
-  rng = np.random.default_rng(seed)
-  def draw(leaf):
-    if not jnp.issubdtype(leaf.dtype, jnp.floating):
-      return jnp.zeros(leaf.shape, leaf.dtype)
-    std = 0.02 if len(leaf.shape) > 1 else 0.1
-    return jnp.asarray(rng.standard_normal(leaf.shape, np.float32) * std)
-  return nnx.merge(graph, jax.tree.unflatten(treedef, [draw(l) for l in leaves]))
-
-
 def main(argv):
   del argv
   if FLAGS.var_ckpt:
@@ -61,11 +47,7 @@ def main(argv):
   else:
     if FLAGS.size not in SIZES:
       raise app.UsageError(f'--size must be one of {", ".join(SIZES)}, got {FLAGS.size}')
-    vcfg = SIZES[FLAGS.size]
-    var = random_model(lambda: VAR(vcfg, rngs=nnx.Rngs(0)), 0)
-    vae_cfg = VQVAEConfig(vocab_size=vcfg.vocab_size, z_channels=vcfg.z_channels, patch_nums=vcfg.patch_nums,
-                          **({} if vcfg.vocab_size == 4096 else {'ch': 32}))
-    vae = random_model(lambda: VQVAE(vae_cfg, rngs=nnx.Rngs(1)), 1)
+    var, vae = random_models(FLAGS.size, 0)
     name = f'{FLAGS.size} (random weights)'
   cfg = var.cfg
   policy = None

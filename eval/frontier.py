@@ -100,6 +100,9 @@ def run_points(table: ResultTable, jobs: Sequence[tuple[MethodSpec, Any]],
       except Exception as e:  # pylint: disable=broad-except  (one broken compressor must not stop the rest)
         failed.append(f'{spec}@{budget}: {type(e).__name__}: {e}')
         print(f'\nFAILED {failed[-1]}', file=sys.stderr)
+      # A point's program is never used again; dozens of them in one process exhausted LLVM's memory
+      # maps in the past and stalled a run at its 49th point with this engine: drop them (~0 cost).
+      jax.clear_caches()
       bar.update(1)
   return failed
 
@@ -117,6 +120,10 @@ def load_model(mc: ml_collections.ConfigDict) -> Any:
   pn = tuple(mc.patch_nums) or None
   if mc.source == 'default':
     return var_jax.load_default()
+  if mc.source == 'random':        # official architecture and schedule, random weights (benchmarks)
+    from var_jax.api import VARModel  # pylint: disable=g-import-not-at-top
+    from var_jax.random_init import random_models  # pylint: disable=g-import-not-at-top
+    return VARModel(*random_models(mc.get('size', 'd16'), 0))
   if mc.source == 'official':
     if not (mc.var_ckpt and mc.vae_ckpt):
       raise ValueError('model.source "official" needs --config.model.var_ckpt=var_d16.pth and '
@@ -126,7 +133,8 @@ def load_model(mc: ml_collections.ConfigDict) -> Any:
     if not mc.converted:
       raise ValueError('model.source "converted" needs --config.model.converted=DIR (python -m var_jax.convert)')
     return var_jax.load_converted(mc.converted)
-  raise ValueError(f'model.source must be "default", "official" or "converted", got {mc.source!r}')
+  raise ValueError(f'model.source must be "default", "official", "converted" or "random" (with model.size), '
+                   f'got {mc.source!r}')
 
 
 def capture_stage(config: ml_collections.ConfigDict, model: Any, path: str) -> None:
@@ -222,7 +230,15 @@ def run_model(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable
   for b in config.closed_loop.budgets:
     Budget.parse(b, geometry)
   prepare(to_json(model.var.cfg))
+  stages, mark = {}, [time.time()]
+
+  def done(stage: str) -> None:       # wall seconds per stage (the log and eval/bench_frontier.py)
+    now = time.time()
+    stages[stage] = now - mark[0]
+    mark[0] = now
+    logging.info('stage %s: %.1f s', stage, stages[stage])
   capture_stage(config, model, paths.capture)
+  done('capture')
   val = CaptureDataset(paths.capture, 'val')
   data = sweep.CacheSet.from_dataset(val, config.sweep.val_sequences)
   train = CaptureDataset(paths.capture, 'train')
@@ -233,12 +249,17 @@ def run_model(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable
   evaluate = lambda spec, b: sweep.evaluate_spec(spec, b, data, geometry, params, batch=config.sweep.batch,
                                                  level=config.confidence,
                                                  served_sequences=config.sweep.served_sequences,
-                                                 compiler_options=point_compiler_options(config))
+                                                 compiler_options=point_compiler_options(config),
+                                                 trained_bits=params.trained_bits)
   failed = run_points(table, jobs, evaluate, config.progress, 'val')
+  done('sweep')
   curves = bounds_stage(config, table, data, geometry, jobs)
+  done('bounds')
   closed, grids = closed_loop_stage(config, paths, model, geometry, params)
+  done('closed_loop')
   finish(config, paths, table.rows, curves, closed, grids, 'VAR KV cache')
-  return {'failed': failed, 'seconds': time.time() - t0}
+  done('outputs')
+  return {'failed': failed, 'seconds': time.time() - t0, 'stages': stages}
 
 
 # ---------------------------------------------------------------------------- hard mode

@@ -75,7 +75,35 @@ class Params:
                                              self.num_heads, calibration=calib)
     return self._cache[comp]
 
+  def trained_compressor(self, spec: MethodSpec, comp: Compressor) -> Compressor:
+    """The compressor whose trained parameters `comp` uses: itself, or the same method at
+    `learned.train_budget` when set and its parameters do not depend on the budget."""
+    at = self.config.learned.get('train_budget', '')
+    if not (at and comp.learned and type(comp).budget_free_params):
+      return comp
+    target = spec.make(comp.geometry, at)
+    if target.passthrough:
+      raise ValueError(f'learned.train_budget {at!r} holds the whole cache: nothing to train; choose a '
+                       'smaller budget (e.g. "10%") or "" to train at every budget')
+    return target
+
+  def trained_bits(self, spec: MethodSpec, comp: Compressor) -> int:
+    """Budget (bits per head) the parameters of `comp` were trained at (0: no trained parameters)."""
+    if not comp.learned or comp.passthrough:
+      return 0
+    return self.trained_compressor(spec, comp).budget.bits
+
   def _learned(self, spec: MethodSpec, comp: Compressor) -> Any:
+    target = self.trained_compressor(spec, comp)
+    if target != comp:
+      if target not in self._cache:
+        logging.info('%s at %d bits uses the parameters trained at %d bits (learned.train_budget)',
+                     spec, comp.budget.bits, target.budget.bits)
+        self._cache[target] = self._train_or_load(spec, target)
+      return self._cache[target]
+    return self._train_or_load(spec, comp)
+
+  def _train_or_load(self, spec: MethodSpec, comp: Compressor) -> Any:
     from train import compressor as trainer  # pylint: disable=g-import-not-at-top
     root = self.config.learned.checkpoint_root
     if root:

@@ -31,12 +31,15 @@ from eval.metrics import ratio_ci
 # (projections, scorers), not in the per-head budget; amortised_bits: bits + shared_bits spread over
 # every (served sequence, layer, head) (`served_sequences`: the x of the Pareto frontier, the plot,
 # TensorBoard and eval.compare); rel_error: sqrt(sum |out - exact|^2 / sum |exact|^2) over every
-# output; lower_bound_bits / min_error_at_bits: rate-distortion bound (hard instance only).
+# output; lower_bound_bits / min_error_at_bits: rate-distortion bound (hard instance only);
+# trained_bits: the budget a learned compressor's parameters were trained at (0: none trained);
+# reference: what the errors are relative to (float32 attention over the captured q, k, v, at the
+# capture's dtype: a float16 capture is the reference, not an approximation of a float32 one).
 COLUMNS = ('dataset', 'method', 'family', 'setting', 'budget', 'oracle', 'learned', 'deployable',
            'budget_bits', 'bits', 'bits_mean', 'bits_per_coordinate', 'fraction_of_fp16', 'shared_bits',
            'served_sequences', 'amortised_bits', 'amortised_bits_per_coordinate', 'rel_error', 'rel_error_ci_low', 'rel_error_ci_high', 'rel_error_per_layer',
            'rel_error_per_scale', 'num_sequences', 'num_units', 'lower_bound_bits', 'min_error_at_bits',
-           'seconds', 'warning')
+           'seconds', 'warning', 'trained_bits', 'reference')
 ZERO_ENTRIES = 'keeps 0 entries at this budget: every output comes from the current scale alone'
 KEY = ('dataset', 'method', 'setting', 'budget')
 FULL_BUDGET = 'full'      # the budget label of the full-cache reference point
@@ -100,17 +103,19 @@ def parse_methods(specs: Sequence[str]) -> list[MethodSpec]:
 
 class CacheSet:
   """Held-out sequences, read batch by batch: q, k, v (layers, b, H, L, D) float32 and `units` (n,)
-  (the image of each sequence). Backed by a `CaptureDataset` (memory-mapped shards: memory does not
+  (the image of each sequence); `dtype`: the dtype q, k, v were stored at. Backed by a `CaptureDataset` (memory-mapped shards: memory does not
   grow with the number of sequences) or by in-memory arrays (layers, n, H, L, D) (tests, small sets)."""
 
   def __init__(self, qkv: dict[str, np.ndarray] | Any, units: np.ndarray, patch_nums: Sequence[int],
                num_sequences: int | None = None):
     if isinstance(qkv, dict):
+      self.dtype = str(np.asarray(qkv['q']).dtype)
       self._arrays = {t: np.asarray(qkv[t], np.float32) for t in 'qkv'}
       self._reader = None
       self.num_layers, n, self.num_heads, self.num_tokens, self.head_dim = self._arrays['q'].shape
     else:                                      # a CaptureDataset (or anything with .get(indices))
       self._arrays, self._reader = None, qkv
+      self.dtype = str(getattr(qkv, 'manifest', {}).get('dtype', 'float32'))
       self.num_layers, self.num_heads, self.num_tokens, self.head_dim = (
           qkv.num_layers, qkv.num_heads, qkv.num_tokens, qkv.head_dim)
       n = qkv.num_sequences
@@ -203,10 +208,13 @@ def bits_columns(bits: float, geometry: CacheGeometry, shared_bits: int = 0, hea
 
 def evaluate_spec(spec: MethodSpec, budget: Any, data: CacheSet, geometry: CacheGeometry,
                   params_fn: Callable[[MethodSpec, compress.Compressor], Any], *, batch: int, level: float,
-                  dataset: str = 'val', served_sequences: int = 0, compiler_options=None) -> dict[str, Any]:
+                  dataset: str = 'val', served_sequences: int = 0, compiler_options=None,
+                  trained_bits: Callable[[MethodSpec, compress.Compressor], int] | None = None
+                  ) -> dict[str, Any]:
   """One frontier.csv row: `spec` at `budget` (FULL_BUDGET: the full cache) over `data`; shared bits
   are amortised over `served_sequences` (0: the held-out sequences evaluated); `compiler_options` for
-  the point's program (compress.core.teacher_forced.fast_compile_options())."""
+  the point's program (compress.core.teacher_forced.fast_compile_options()); `trained_bits(spec, comp)`:
+  the budget its parameters were trained at (default: its own budget when learned)."""
   t0 = time.perf_counter()
   comp = spec.make(geometry, compress.Budget(geometry.full_bits) if budget == FULL_BUDGET else budget)
   params = params_fn(spec, comp)
@@ -224,4 +232,7 @@ def evaluate_spec(spec: MethodSpec, budget: Any, data: CacheSet, geometry: Cache
           'budget_bits': comp.budget.bits, 'bits': int(bits), 'bits_mean': float(res['peak_bits'].mean()),
           **bits_columns(bits, geometry, comp.shared_bits(params), data.num_layers * data.num_heads,
                          served_sequences or data.num_sequences), **summary,
-          'seconds': time.perf_counter() - t0, 'warning': warning}
+          'seconds': time.perf_counter() - t0, 'warning': warning,
+          'reference': f'float32 attention over the {data.dtype} captured q, k, v',
+          'trained_bits': (trained_bits(spec, comp) if trained_bits else
+                           comp.budget.bits if cls.learned and not comp.passthrough else 0)}

@@ -160,6 +160,38 @@ def test_bad_configs_fail_before_any_work(tmp_path):
     assert not os.path.exists(tmp_path / 'run')
 
 
+def test_learned_train_budget_shares_budget_free_scorers(tmp_path):
+  """learned.train_budget: scorers (budget_free_params) train once there and serve every budget;
+  compressors whose parameters depend on the budget (low-rank bases) still train at their own."""
+  import compress
+  from eval.params import Params
+  c = frontier_config.get_config('default')
+  g = CacheGeometry((1, 2, 3, 4), 64)
+  params = Params(c, str(tmp_path), str(tmp_path), None, 2, 2)
+  for name, shared in (('merge_learned', True), ('evict_learned', True), ('lowrank_learned', False)):
+    spec = sweep.MethodSpec.parse(name)
+    comp = spec.make(g, '25%')
+    want = Budget.parse(c.learned.train_budget, g).bits if shared else comp.budget.bits
+    assert params.trained_compressor(spec, comp).budget.bits == want == params.trained_bits(spec, comp)
+  assert params.trained_bits(sweep.MethodSpec.parse('cam'), compress.make('cam', g, '25%')) == 0
+  c.learned.train_budget = '100%'
+  with pytest.raises(ValueError, match='whole cache'):
+    Params(c, str(tmp_path), str(tmp_path), None, 2, 2).trained_compressor(
+        sweep.MethodSpec.parse('merge_learned'), compress.make('merge_learned', g, '25%'))
+
+
+def test_cache_set_streams_from_the_capture(model_run):
+  """The sweep's held-out set reads the memory-mapped capture batch by batch: it holds no arrays."""
+  from var_jax.capture import CaptureDataset
+  ds = CaptureDataset(os.path.join(model_run, 'capture'), 'val')
+  data = sweep.CacheSet.from_dataset(ds)
+  assert data._arrays is None and data.num_sequences == ds.num_sequences == 8  # pylint: disable=protected-access
+  got, want = data.numpy(2, 5), ds.get(np.arange(2, 5))
+  for t in 'qkv':
+    np.testing.assert_array_equal(got[t], want[t])
+  assert data.dtype == 'float32' and sweep.CacheSet.from_dataset(ds, 3).num_sequences == 3
+
+
 @pytest.fixture(scope='module')
 def model_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('frontier') / 'run')
@@ -179,6 +211,10 @@ def test_model_frontier_outputs(model_run):
                  ('pca', 'default', '25%'), ('lowrank_learned', 'default', '25%'),
                  ('rank_bound', 'values', '25%'), ('rank_bound', 'kv_entries', '25%')}
   assert os.path.isdir(os.path.join(model_run, 'train', f'lowrank_learned-default-{by_bits}bits', 'checkpoints'))
+  for r in rows:                   # trained at its own budget (tiny: learned.train_budget = '')
+    assert int(r['trained_bits'] or 0) == (by_bits if r['method'] == 'lowrank_learned' else 0), r['method']
+    if r['family'] != 'bound':
+      assert r['reference'] == 'float32 attention over the float32 captured q, k, v'
   for r in rows:
     assert float(r['bits_per_coordinate']) == pytest.approx(float(r['bits']) / g.coordinates)
     assert float(r['fraction_of_fp16']) == pytest.approx(float(r['bits']) / g.fp16_bits)

@@ -128,7 +128,10 @@ def check(name: str, case: dict) -> None:
     np.testing.assert_array_equal(bits_nojit, bits, err_msg=f'jit vs no jit bits: {where}')
     np.testing.assert_allclose(out_nojit, out, rtol=1e-4, atol=1e-5, err_msg=f'jit vs no jit: {where}')
   if budget.bits >= g.full_bits:
-    np.testing.assert_allclose(out, reference(q[0], k[0], v[0], g), rtol=1e-5, atol=1e-6,
+    # float32 against the float64 reference: logits of magnitude |l| carry |l| * 2^-24 rounding, which
+    # moves an output by up to that times the values' magnitude (measured 1.8e-6 at logit scale 40)
+    fp32 = 2.0 ** -23 * case['logit_scale'] * float(np.abs(np.asarray(v)).max())    # |q| = logit_scale, |k| = 1
+    np.testing.assert_allclose(out, reference(q[0], k[0], v[0], g), rtol=1e-5, atol=1e-6 + fp32,
                                err_msg=f'a budget >= the full cache must be exact: {where}')
 
 

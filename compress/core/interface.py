@@ -44,6 +44,9 @@ class Compressor:
   family: ClassVar[str] = ''
   oracle: ClassVar[bool] = False          # uses future queries: an upper reference, not deployable
   learned: ClassVar[bool] = False         # has trained parameters
+  # the parameters' shapes and meaning do not depend on the budget (a scorer, not a basis of budget
+  # rank): one trained set can serve every budget (eval.frontier's learned.train_budget)
+  budget_free_params: ClassVar[bool] = False
   needs_calibration: ClassVar[bool] = False
   respects_budget: ClassVar[bool] = True  # False only for the full-cache reference
 

@@ -86,6 +86,7 @@ class LearnedEviction(EvictionCompressor):
   name = 'evict_learned'
   family = 'eviction'
   learned = True
+  budget_free_params = True     # a per-head scorer of entry features: the same at every budget
 
   def __post_init__(self):
     if self.hidden < 0:

@@ -168,6 +168,7 @@ class LearnedMerge(SlotCompressor):
   name = 'merge_learned'
   family = 'merging'
   learned = True
+  budget_free_params = True     # per-head scorer weights and thresholds: the same at every budget
 
   def __post_init__(self):
     if not (self.tau > 0 and self.temperature > 0):
