@@ -37,8 +37,11 @@ VARIANTS = ('tiny', 'default', 'hard', 'full', 'd16')
 BUDGETS = ('3.125%', '5%', '10%', '15%', '25%', '50%')
 # One compressor of each family (the full cache and the oracle are the references); on 2 CPU cores a
 # point is mostly its XLA compile (one program per compressor and budget).
-DEFAULT_METHODS = ('full', 'oracle', 'snapkv', 'scalekv', 'tome', 'cam', 'kivi', 'pca', 'attn_matching')
-LEARNED = ('evict_learned', 'merge_learned')          # the main job's (lowrank_learned: in `full`)
+DEFAULT_METHODS = ('full', 'snapkv', 'scalekv', 'cam', 'kivi', 'pca', 'attn_matching', 'composed')
+# the main job's learned compressors (lowrank_learned and evict_learned: in `full`)
+LEARNED = ('merge_learned', 'composed_learned')
+# the budgets the issue names for the composed compressor (learned ones train at each, 300 steps)
+LEARNED_BUDGETS = ('3.125%', '5%', '10%', '25%', '50%')
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -82,13 +85,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # learned compressors: trained on demand (train.compressor, on this run's capture) into
   # WORKDIR/train/<name>-<setting>-<bits>bits, or loaded from checkpoint_root/<same name>
   c.learned = ml_collections.ConfigDict({
-      'methods': LEARNED, 'budgets': BUDGETS, 'checkpoint_root': '',
+      'methods': LEARNED, 'budgets': LEARNED_BUDGETS, 'checkpoint_root': '',
       'variant': 'default',
       # '' trains every learned compressor at every budget; a budget (e.g. '10%') trains those whose
       # parameters do not depend on the budget (Compressor.budget_free_params: the learned scorers)
       # once, there, and uses them at every budget (frontier.csv's trained_bits says where)
       'train_budget': '10%',
-      'train': ml_collections.ConfigDict({'num_steps': 300, 'batch_size': 8, 'warmup_steps': 20,
+      # per-method budget lists that replace `budgets` (e.g. the ones a 10-minute run can train at)
+      'method_budgets': ml_collections.ConfigDict({'composed_learned': ('5%', '10%')}),
+      'train': ml_collections.ConfigDict({'num_steps': 300, 'batch_size': 4, 'warmup_steps': 20,
                                           'eval_every': 0, 'ckpt_every': 300, 'log_every': 50,
                                           'eval_sequences': 16, 'calibration_sequences': 0,
                                           # the sweep evaluates every method on the held-out split; skip
@@ -97,7 +102,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                           'eval_at_start': False, 'eval_at_end': False})})
   # closed loop: generation with each compressor vs the full cache, same labels and seeds
   c.closed_loop = ml_collections.ConfigDict({
-      'methods': ('kivi', 'merge_learned'), 'budgets': ('10%', '25%'),
+      'methods': ('merge_learned', 'composed_learned'), 'budgets': ('10%',),
       'labels': tuple(range(12)), 'seeds': (0,), 'cfg': 1.5, 'top_k': 0, 'top_p': 0.0})
   # hard instance (mode 'hard'): flat stream of n tokens and the VAR schedule patch_nums
   c.hard = ml_collections.ConfigDict({
@@ -116,6 +121,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.learned.methods = ('lowrank_learned',)
     c.learned.budgets = ('25%',)
     c.learned.train_budget = ''
+    c.learned.method_budgets = ml_collections.ConfigDict()
     c.learned.train.update({'num_steps': 10, 'batch_size': 4, 'warmup_steps': 2, 'eval_every': 10,
                             'ckpt_every': 10, 'log_every': 5, 'eval_sequences': 8,
                             'calibration_sequences': 8})
@@ -129,6 +135,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.learned.methods = ('all',)  # every registered learned compressor, trained at every budget
     c.learned.budgets = c.sweep.budgets
     c.learned.train_budget = ''
+    c.learned.method_budgets = ml_collections.ConfigDict()
     c.learned.train.update({'num_steps': 1000, 'batch_size': 16, 'eval_every': 500, 'ckpt_every': 250,
                             'eval_sequences': 64})
     c.closed_loop.update({'methods': ('window', 'snapkv', 'tome', 'kivi', 'pca', 'lowrank_learned'),

@@ -50,6 +50,9 @@ def method_params(config, workdir: str, spec: sweep.MethodSpec, comp: compress.C
   """Trained parameters from WORKDIR/train (learned), else init_params (calibrated on the train split)."""
   if comp.learned and not comp.passthrough:
     from train import compressor as trainer  # pylint: disable=g-import-not-at-top
+    # the run the frontier trained these parameters in (learned.train_budget: once, for every budget)
+    comp = params_lib.Params(config, workdir, '', None, data.num_layers, data.num_heads
+                             ).trained_compressor(spec, comp)
     folder = os.path.join(workdir, 'train', params_lib.run_name(spec, comp))
     if not os.path.isdir(folder):
       raise FileNotFoundError(f'no trained run {folder!r}: the frontier did not train {spec} at '
@@ -85,7 +88,9 @@ def paired_ratio(d2_a: np.ndarray, d2_b: np.ndarray, e2: np.ndarray, level: floa
 def compare(workdir: str, a: str, b: str, budgets: Sequence[str], batch: int = 16
             ) -> list[dict[str, Any]]:
   """Rows of COLUMNS for methods `a` vs `b` ('name' or 'name(key=value,...)') at each budget."""
+  from compress.core.teacher_forced import fast_compile_options  # pylint: disable=g-import-not-at-top
   config, geometry, data = load_run(workdir)
+  options = fast_compile_options() if config.get('fast_compile', False) else None
   rows = []
   for budget in budgets:
     row = {'a': a, 'b': b, 'budget': budget}
@@ -94,7 +99,7 @@ def compare(workdir: str, a: str, b: str, budgets: Sequence[str], batch: int = 1
       spec = sweep.MethodSpec.parse(name)
       comp = spec.make(geometry, budget)
       params = method_params(config, workdir, spec, comp, data)
-      res = sweep.run_point(comp, params, data, batch)
+      res = sweep.run_point(comp, params, data, batch, options)
       d2[tag], e2 = per_image(res, data.units)
       row[f'bits_{tag}'] = int(res['peak_bits'].max())
       served = config.sweep.get('served_sequences', 0) or data.num_sequences

@@ -45,7 +45,8 @@ from eval.sweep import FULL_BUDGET, MethodSpec
 ALL = 'all'          # in a methods list: every registered compressor of that kind
 # Config keys that may change between runs in one workdir: they only add (or drop) points, each of
 # which is keyed by itself (rows by dataset/method/setting/budget, trained compressors by their folder).
-EXTENDABLE = ('sweep.methods', 'sweep.budgets', 'learned.methods', 'learned.budgets', 'closed_loop.methods',
+EXTENDABLE = ('sweep.methods', 'sweep.budgets', 'learned.methods', 'learned.budgets', 'learned.method_budgets',
+              'closed_loop.methods',
               'closed_loop.budgets', 'rank_bound.settings', 'hard.methods', 'hard.budgets')
 # applies_to: the families a bound holds for ('all': every compressor; 'reference': not a bound)
 BOUND_COLUMNS = ('dataset', 'bound', 'setting', 'applies_to', 'bits', 'bits_per_coordinate', 'rel_error')
@@ -69,13 +70,17 @@ def specs_of(names: Sequence[str], learned: bool) -> list[MethodSpec]:
 def sweep_jobs(config: ml_collections.ConfigDict, geometry: CacheGeometry) -> list[tuple[MethodSpec, Any]]:
   """(spec, budget label) of every teacher-forced point; budget-free references run once ('full')."""
   jobs = []
+  by_method = config.learned.get('method_budgets', {}) or {}
+  unknown = set(by_method) - set(config.learned.methods)
+  if unknown:
+    raise ValueError(f'learned.method_budgets names {sorted(unknown)}, which are not in learned.methods')
   for specs, budgets in ((specs_of(config.sweep.methods, False), config.sweep.budgets),
                          (specs_of(config.learned.methods, True), config.learned.budgets)):
     for spec in specs:
       if not spec.cls.respects_budget:
         jobs.append((spec, FULL_BUDGET))
         continue
-      for b in budgets:
+      for b in (by_method.get(str(spec), budgets) if spec.cls.learned else budgets):
         Budget.parse(b, geometry)       # a bad budget fails here, before any work
         jobs.append((spec, b))
   return jobs
@@ -100,9 +105,6 @@ def run_points(table: ResultTable, jobs: Sequence[tuple[MethodSpec, Any]],
       except Exception as e:  # pylint: disable=broad-except  (one broken compressor must not stop the rest)
         failed.append(f'{spec}@{budget}: {type(e).__name__}: {e}')
         print(f'\nFAILED {failed[-1]}', file=sys.stderr)
-      # A point's program is never used again; dozens of them in one process exhausted LLVM's memory
-      # maps in the past and stalled a run at its 49th point with this engine: drop them (~0 cost).
-      jax.clear_caches()
       bar.update(1)
   return failed
 

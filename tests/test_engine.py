@@ -109,3 +109,23 @@ def test_compiles_per_budget_not_per_scale(qkv):
   again = counter.measure(lambda: [point(b) for b in ('12.5%', '25%', '40%', '50%')])
   assert one >= 1 and four <= one + 3, (one, four)           # one program per budget, not per scale
   assert again == 0
+
+
+def test_random_official_architecture_and_bench_figures(tmp_path):
+  """model.source='random' builds the official architecture of model.size with random weights; the
+  benchmark's compile log counts backend compiles and its disk figure sums the files."""
+  import ml_collections
+  from eval import bench_frontier, frontier
+  model = frontier.load_model(ml_collections.ConfigDict({'source': 'random', 'size': 'd2-tiny',
+                                                         'patch_nums': ()}))
+  from var_jax.config import SIZES
+  assert model.patch_nums == tuple(SIZES['d2-tiny'].patch_nums)
+  with pytest.raises(ValueError, match='model size'):
+    frontier.load_model(ml_collections.ConfigDict({'source': 'random', 'size': 'd99', 'patch_nums': ()}))
+  log = bench_frontier.CompileLog()
+  jax.jit(lambda x: x * 3 + 1)(np.arange(7.0))
+  assert log.compiles >= 1 and log.total_seconds > 0
+  (tmp_path / 'a').write_bytes(b'x' * 10)
+  (tmp_path / 'b').mkdir()
+  (tmp_path / 'b' / 'c').write_bytes(b'y' * 5)
+  assert bench_frontier.disk_bytes(str(tmp_path)) == 15

@@ -30,9 +30,21 @@ from compress.core.interface import Compressor
 from compress.core.registry import register
 from compress.core.slots import empty_slots, Slots
 from compress.core.topk import topk_indices
-from compress.merging.base import group_sum, merge_into, SIZE_DTYPE, unit_rows
+from compress.merging.base import SIZE_DTYPE, unit_rows
 
 _TENSORS = ('k', 'v')
+# merge weights: the attention mass plus this much per token the entry stands for (keeps every group's
+# weight >= 1e-6, so that the learned relaxation's gradients stay finite when masses underflow)
+_SIZE_FLOOR = 1e-6
+
+
+def _weighted_means(target_N: jax.Array, weight_N: jax.Array, x_NF: jax.Array) -> jax.Array:
+  """Row n: sum_{i: target_i = n} w_i x_i / sum w_i (0 for empty groups; target N = dropped)."""
+  N = x_NF.shape[0]
+  onehot_NN = (target_N[None, :] == jnp.arange(N)[:, None]).astype(jnp.float32)   # a matmul, not a scatter
+  num = jnp.einsum('ni,i,if->nf', onehot_NN, weight_N, x_NF)
+  den = onehot_NN @ weight_N
+  return jnp.where(den[:, None] > 0, num / jnp.where(den > 0, den, 1.0)[:, None], 0.0)
 
 
 def quantize(coef: jax.Array, step: jax.Array, width: jax.Array) -> jax.Array:
@@ -153,7 +165,44 @@ class TransformCodeBase(Compressor):
     parts = {'k': codes[..., :rk], 'v': codes[..., rk:]}
     return {t: dequantize(parts[t], *(a[None, :, None] for a in self.step_width(params, t))) for t in _TENSORS}
 
-  # ---- the step -------------------------------------------------------------------------------
+  # ---- the step (shared by the hard path and the learned relaxation) -------------------------
+  def attend_cache(self, params, coef, size_BHM, valid_BHM, q_BHSD, k_BHSD, v_BHSD):
+    """Attention over the entries rebuilt from read-back coefficients {'k', 'v'} (B, H, M, R) (bias
+    log(size) when merging) plus the new scale: ((out, p_cache, p_new), rebuilt keys)."""
+    ck, cv = (self.reconstruct(params, t, coef[t]) for t in _TENSORS)
+    bias = None if size_BHM is None else jnp.log(jnp.maximum(size_BHM.astype(jnp.float32), 1.0))
+    return attend(q_BHSD, ck, cv, valid_BHM, bias, k_BHSD, v_BHSD), ck
+
+  def merge(self, coef, ck, size_BHM, valid_BHM, k_BHSD, new, p_cache, p_new, m: int):
+    """Candidates (kept + new): keep the top-m by the scale's attention, merge each evicted one into
+    the kept one of highest key cosine (>= threshold) with attention-mass weights. Returns the
+    coefficients to store {'k', 'v'} (B, H, m, R) (before quantisation), sizes (B, H, m) and which
+    slots hold an entry (kept ones first)."""
+    cat = lambda a, b: jnp.concatenate([a, b], axis=2)
+    B, H, S = k_BHSD.shape[:3]
+    keys = cat(ck, k_BHSD.astype(jnp.float32))
+    payload = cat(jnp.concatenate([coef['k'], coef['v']], -1), jnp.concatenate([new['k'], new['v']], -1))
+    valid = cat(valid_BHM, jnp.ones((B, H, S), bool))
+    size = cat(size_BHM.astype(jnp.float32), jnp.ones((B, H, S), jnp.float32))
+    attn = jnp.concatenate([p_cache, p_new], axis=-1)
+    score, mass = jax.lax.stop_gradient(attn.sum(2)), attn.mean(2)
+
+    def one(k_ND, x_NF, size_N, score_N, mass_N, ok_N):
+      N = k_ND.shape[0]
+      idx, keep = topk_indices(score_N, ok_N, m)                     # kept ones first, best first
+      kept = jnp.zeros((N,), bool).at[idx].set(keep)
+      kn = unit_rows(jax.lax.stop_gradient(k_ND))
+      sim = jnp.where(kept[None, :], kn @ kn.T, -jnp.inf)
+      merged = ok_N & ~kept & (sim.max(1) >= self.threshold)
+      target = jnp.where(kept, jnp.arange(N), jnp.where(merged, jnp.argmax(sim, 1), N))
+      x = _weighted_means(target, mass_N + _SIZE_FLOOR * size_N, x_NF)
+      group_size = (target[None, :] == jnp.arange(N)[:, None]).astype(jnp.float32) @ size_N
+      return x[idx], jnp.where(keep, group_size[idx], 0.0), keep
+
+    x, size, keep = jax.vmap(jax.vmap(one))(keys, payload, size, score, mass, valid)
+    rk = coef['k'].shape[-1]
+    return {'k': x[..., :rk], 'v': x[..., rk:]}, size, keep
+
   def compress_step(self, params, state: Slots, q_BHSD, k_BHSD, v_BHSD, scale: int, ctx):
     del ctx
     self._check_params(params)
@@ -162,51 +211,18 @@ class TransformCodeBase(Compressor):
                          None, k_BHSD, v_BHSD)
       return out, state
     coef = self.decode(params, state.k)
-    ck, cv = (self.reconstruct(params, t, coef[t]) for t in _TENSORS)
-    bias = jnp.log(jnp.maximum(state.extra['size'].astype(jnp.float32), 1.0)) if 'size' in state.extra else None
-    out, p_cache, p_new = attend(q_BHSD, ck, cv, state.valid, bias, k_BHSD, v_BHSD)
+    size = state.extra.get('size')
+    (out, p_cache, p_new), ck = self.attend_cache(params, coef, size, state.valid, q_BHSD, k_BHSD, v_BHSD)
     if self.is_last(scale):
       return out, state
     new = {t: self.project(params, t, x) for t, x in (('k', k_BHSD), ('v', v_BHSD))}
     start, S = self.geometry.scale_starts[scale], self.geometry.scale_sizes[scale]
-    if 'size' not in state.extra:        # every token has its slot: write the scale's codes in place
+    if size is None:                     # every token has its slot: write the scale's codes in place
       stream = jax.lax.dynamic_update_slice_in_dim(state.k, self.encode(params, new), start, axis=2)
       return out, state.replace(k=stream, count=jnp.full_like(state.count, start + S))
-    return out, self._merge(params, state, coef, ck, k_BHSD, new, p_cache, p_new)
-
-  def _merge(self, params, state: Slots, coef, ck, k_BHSD, new, p_cache, p_new) -> Slots:
-    """Candidates (kept + new): keep the top-m by the scale's attention, merge each evicted one into
-    the kept one of highest key cosine (>= threshold) with attention-mass weights, re-encode."""
-    m = state.capacity
-    cat = lambda a, b: jnp.concatenate([a, b], axis=2)
-    B, H, S = k_BHSD.shape[:3]
-    keys = cat(ck, k_BHSD.astype(jnp.float32))
-    payload = cat(jnp.concatenate([coef['k'], coef['v']], -1), jnp.concatenate([new['k'], new['v']], -1))
-    valid = cat(state.valid, jnp.ones((B, H, S), bool))
-    size = cat(state.extra['size'].astype(jnp.float32), jnp.ones((B, H, S), jnp.float32))
-    attn = jnp.concatenate([p_cache, p_new], axis=-1)
-    score, mass = attn.sum(2), attn.mean(2)
-
-    def one(k_ND, x_NF, size_N, score_N, mass_N, ok_N):
-      N = k_ND.shape[0]
-      idx, keep = topk_indices(score_N, ok_N, m)
-      kept = jnp.zeros((N,), bool).at[idx].set(keep)
-      kn = unit_rows(k_ND)
-      sim = jnp.where(kept[None, :], kn @ kn.T, -jnp.inf)
-      merged = ok_N & ~kept & (sim.max(1) >= self.threshold)
-      target = jnp.where(kept, jnp.arange(N), jnp.where(merged, jnp.argmax(sim, 1), N))
-      x = merge_into(target, mass_N + 1e-30 * size_N, x_NF)
-      return x[idx], group_sum(target, size_N)[idx], keep
-
-    x, size, keep = jax.vmap(jax.vmap(one))(keys, payload, size, score, mass, valid)
-    rk = coef['k'].shape[-1]
-    stream = self.encode(params, {'k': x[..., :rk], 'v': x[..., rk:]})
-    count = keep.sum(-1)
-    order = jnp.argsort(~keep, axis=-1, stable=True)               # kept first (top-k puts them first)
-    take = lambda a: jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 3)), axis=2)
-    size = jnp.where(keep, size, 0.0)
-    return state.replace(k=take(stream), count=count.astype(state.count.dtype),
-                         extra={'size': take(jnp.minimum(size, 65535.0)).astype(SIZE_DTYPE)})
+    x, size, keep = self.merge(coef, ck, size, state.valid, k_BHSD, new, p_cache, p_new, state.capacity)
+    return out, state.replace(k=self.encode(params, x), count=keep.sum(-1).astype(state.count.dtype),
+                              extra={'size': jnp.minimum(size, 65535.0).astype(SIZE_DTYPE)})
 
 
 @register

@@ -22,9 +22,10 @@ from compress.core.attention import block_causal_attention
 from compress.core.interface import Compressor, StepContext
 
 # XLA CPU options that trade generated-code speed for compile speed (same HLO, same outputs up to
-# float rounding); options a jaxlib does not know are dropped (`compiler_options`).
-_FAST_CPU = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True,
-             'xla_cpu_use_fusion_emitters': False}
+# float rounding; what jax_disable_most_optimizations sets for the backend); options a jaxlib does not
+# know are dropped. Not `xla_cpu_use_fusion_emitters=False`: with it, two of three main-job runs
+# deadlocked in XLA's CPU runtime at the same point (attn_matching at 50 %, a while loop, 32 sequences).
+_FAST_CPU = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 
 
 @functools.lru_cache(maxsize=None)
