@@ -37,7 +37,7 @@ VARIANTS = ('tiny', 'default', 'hard', 'full', 'd16')
 BUDGETS = ('3.125%', '5%', '10%', '15%', '25%', '50%')
 # One compressor of each family (the full cache and the oracle are the references); on 2 CPU cores a
 # point is mostly its XLA compile (one program per compressor and budget).
-DEFAULT_METHODS = ('full', 'snapkv', 'scalekv', 'cam', 'kivi', 'pca', 'attn_matching', 'composed')
+DEFAULT_METHODS = ('full', 'scalekv', 'cam', 'kivi', 'pca', 'attn_matching', 'composed')
 # the main job's learned compressors (lowrank_learned and evict_learned: in `full`)
 LEARNED = ('merge_learned', 'composed_learned')
 # the budgets the issue names for the composed compressor (learned ones train at each, 300 steps)
@@ -149,6 +149,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sweep.calibration_sequences = 8
     c.learned.methods = ()
     c.learned.budgets = ()
+    c.learned.method_budgets = ml_collections.ConfigDict()
     c.rank_bound.settings = ('kv_entries',)
     c.gaussian_reference = False
     c.closed_loop.methods = ()
