@@ -51,8 +51,7 @@ def method_params(config, workdir: str, spec: sweep.MethodSpec, comp: compress.C
   if comp.learned and not comp.passthrough:
     from train import compressor as trainer  # pylint: disable=g-import-not-at-top
     # the run the frontier trained these parameters in (learned.train_budget: once, for every budget)
-    comp = params_lib.Params(config, workdir, '', None, data.num_layers, data.num_heads
-                             ).trained_compressor(spec, comp)
+    comp = params_lib.trained_compressor(config, spec, comp)
     folder = os.path.join(workdir, 'train', params_lib.run_name(spec, comp))
     if not os.path.isdir(folder):
       raise FileNotFoundError(f'no trained run {folder!r}: the frontier did not train {spec} at '

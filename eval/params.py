@@ -43,6 +43,19 @@ def train_config(config: ml_collections.ConfigDict, spec: MethodSpec, comp: Comp
   return c
 
 
+def trained_compressor(config: ml_collections.ConfigDict, spec: MethodSpec, comp: Compressor) -> Compressor:
+  """The compressor whose trained parameters `comp` uses: itself, or the same method at
+  `learned.train_budget` when set and its parameters do not depend on the budget."""
+  at = config.learned.get('train_budget', '')
+  if not (at and comp.learned and type(comp).budget_free_params):
+    return comp
+  target = spec.make(comp.geometry, at)
+  if target.passthrough:
+    raise ValueError(f'learned.train_budget {at!r} holds the whole cache: nothing to train; choose a '
+                     'smaller budget (e.g. "10%") or "" to train at every budget')
+  return target
+
+
 class Params:
   """`params(spec, comp)` -> the compressor's parameters (None when it has none), memoised."""
 
@@ -76,16 +89,7 @@ class Params:
     return self._cache[comp]
 
   def trained_compressor(self, spec: MethodSpec, comp: Compressor) -> Compressor:
-    """The compressor whose trained parameters `comp` uses: itself, or the same method at
-    `learned.train_budget` when set and its parameters do not depend on the budget."""
-    at = self.config.learned.get('train_budget', '')
-    if not (at and comp.learned and type(comp).budget_free_params):
-      return comp
-    target = spec.make(comp.geometry, at)
-    if target.passthrough:
-      raise ValueError(f'learned.train_budget {at!r} holds the whole cache: nothing to train; choose a '
-                       'smaller budget (e.g. "10%") or "" to train at every budget')
-    return target
+    return trained_compressor(self.config, spec, comp)
 
   def trained_bits(self, spec: MethodSpec, comp: Compressor) -> int:
     """Budget (bits per head) the parameters of `comp` were trained at (0: no trained parameters)."""
