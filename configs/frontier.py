@@ -110,6 +110,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'seeds': (0, 1, 2), 'value_dist': 'gaussian', 'xi': 0.01, 'kv_dtype': 'float16',
       'methods': ('all',),         # 'all' = every registered non-learned compressor
       'budgets': ('5%', '10%', '25%', '50%')})
+  # several processes (hosts of a TPU slice, GPUs, or python -m eval.launch --processes N on one
+  # machine) sharing the workdir: each captures its shards and evaluates its points (eval/distributed.py);
+  # empty coordinator / 0 processes / -1 id: what jax.distributed detects on the cluster
+  c.distributed = ml_collections.ConfigDict({'enabled': False, 'coordinator': '', 'num_processes': 0,
+                                             'process_id': -1, 'barrier_timeout_s': 7 * 24 * 3600})
   c.progress = True
   c.overwrite = False           # True: a run with another config or code is moved aside, then redone
   c.allow_code_change = False   # True: resume a run made with other package sources, keeping its results

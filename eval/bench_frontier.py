@@ -8,7 +8,8 @@ r"""Frontier-engine benchmark at official scale: capture N images, sweep M metho
 Runs `eval.frontier` (random d16 weights by default: the engine's cost does not depend on their values)
 in a new workdir and prints, as a table and one JSON line: wall seconds per stage, XLA compiles and the
 seconds spent tracing, lowering and compiling, sweep run time (sweep wall - its compile time), seconds
-per point, peak RSS of the process and bytes of the capture on disk.
+per point, peak RSS of the process and bytes on disk of the capture and of the stored full-cache
+reference outputs (eval/exact_store.py).
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ def figures(result: dict, log: CompileLog, rows: list[dict], workdir: str, sweep
       'point_s_max': round(max(float(r['seconds']) for r in rows), 2) if rows else None,
       'peak_rss_gib': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
       'capture_bytes': disk_bytes(os.path.join(workdir, 'capture')),
+      'exact_bytes': disk_bytes(os.path.join(workdir, 'exact')),
   }
 
 
@@ -77,23 +79,11 @@ def main(argv: Sequence[str]) -> None:
     raise SystemExit(f'error: {F.workdir} is not empty: a benchmark needs a new workdir (a frontier run '
                      'there would reuse its capture and points and time nothing)')
   log = CompileLog()
-  compile_before_sweep = []
-
-  original = frontier.run_points
-
-  def run_points(*args, **kwargs):          # compile seconds at the sweep's start and end
-    compile_before_sweep.append(log.total_seconds)
-    out = original(*args, **kwargs)
-    compile_before_sweep.append(log.total_seconds)
-    return out
-  frontier.run_points = run_points
-  try:
-    result = frontier.run(F.config, F.workdir)
-  finally:
-    frontier.run_points = original
+  compile_at = {}                        # compile seconds when each stage ended
+  result = frontier.run(F.config, F.workdir, on_stage=lambda stage, _: compile_at.update({stage: log.total_seconds}))
   rows = [r for r in ResultTable(Paths(F.workdir).frontier, sweep.COLUMNS, sweep.KEY).rows
           if r['method'] != 'rank_bound']
-  sweep_compile = compile_before_sweep[1] - compile_before_sweep[0] if len(compile_before_sweep) > 1 else 0.0
+  sweep_compile = compile_at.get('sweep', 0.0) - compile_at.get('capture', 0.0)
   figs = figures(result, log, rows, F.workdir, sweep_compile)
   width = max(len(k) for k in figs)
   print('\n'.join(f'{k.ljust(width)}  {v}' for k, v in figs.items()))

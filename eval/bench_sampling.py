@@ -15,9 +15,7 @@ import time
 
 from absl import app, flags
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from compress.core.accounting import tree_bytes
 from var_jax import sampling

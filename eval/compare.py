@@ -22,7 +22,7 @@ import numpy as np
 
 import compress
 from compress.core.budget import CacheGeometry
-from eval import sweep
+from eval import exact_store, sweep
 from eval import params as params_lib
 
 COLUMNS = ('a', 'b', 'budget', 'bits_a', 'bits_b', 'amortised_bits_a', 'amortised_bits_b', 'rel_error_a',
@@ -42,6 +42,7 @@ def load_run(workdir: str) -> tuple[Any, CacheGeometry, sweep.CacheSet]:
     config = ml_collections.ConfigDict(json.load(f))
   val = CaptureDataset(os.path.join(workdir, 'capture'), 'val')
   data = sweep.CacheSet.from_dataset(val, config.sweep.val_sequences)
+  data.exact_store = exact_store.for_run(workdir, os.path.join(workdir, 'capture'), data.num_sequences)
   return config, CacheGeometry(tuple(val.patch_nums), val.head_dim, config.kv_dtype), data
 
 

@@ -24,6 +24,7 @@ Mode 'hard' (configs/frontier.py:hard) runs stages 4-6 and 8 on the hard instanc
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import sys
@@ -37,7 +38,7 @@ from absl import logging
 
 import compress
 from compress.core.budget import Budget, CacheGeometry
-from eval import closed_loop, gaussian_reference, hard, pareto, plots, rank_bound, sweep, tb
+from eval import closed_loop, distributed, exact_store, gaussian_reference, hard, pareto, plots, rank_bound, sweep, tb
 from eval.params import Params
 from eval.results import Paths, ResultTable, write_table
 from eval.sweep import FULL_BUDGET, MethodSpec
@@ -106,7 +107,17 @@ def run_points(table: ResultTable, jobs: Sequence[tuple[MethodSpec, Any]],
         failed.append(f'{spec}@{budget}: {type(e).__name__}: {e}')
         print(f'\nFAILED {failed[-1]}', file=sys.stderr)
       bar.update(1)
+      trim_heap()
   return failed
+
+
+def trim_heap() -> None:
+  """Hands the heap pages a finished point freed back to the OS (glibc's malloc_trim; XLA's freed
+  buffers otherwise stay in the process: at d16 ~0.4 GB after a few points). No-op elsewhere."""
+  try:
+    ctypes.CDLL('libc.so.6').malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
 
 
 def point_compiler_options(config: ml_collections.ConfigDict):
@@ -139,14 +150,15 @@ def load_model(mc: ml_collections.ConfigDict) -> Any:
                    f'got {mc.source!r}')
 
 
-def capture_stage(config: ml_collections.ConfigDict, model: Any, path: str) -> None:
+def capture_stage(config: ml_collections.ConfigDict, model: Any, path: str,
+                  cluster: distributed.Cluster = distributed.SINGLE) -> None:
   from var_jax import capture  # pylint: disable=g-import-not-at-top
   c = config.capture
   if os.path.exists(os.path.join(path, capture.MANIFEST)):
     logging.info('capture: reusing %s (its manifest is checked against config.capture)', path)
-  capture.capture(model, path, train_shards=c.train_shards, val_shards=c.val_shards,
-                  shard_size=c.shard_size, seed=c.seed, cfg=c.cfg, top_k=c.top_k, top_p=c.top_p,
-                  dtype=c.dtype, progress=config.progress, source={'kind': config.model.source})
+  distributed.capture(cluster, model, path, train_shards=c.train_shards, val_shards=c.val_shards,
+                      shard_size=c.shard_size, seed=c.seed, cfg=c.cfg, top_k=c.top_k, top_p=c.top_p,
+                      dtype=c.dtype, progress=config.progress, source={'kind': config.model.source})
 
 
 def bounds_stage(config, table, data, geometry, jobs) -> list[dict]:
@@ -221,7 +233,11 @@ def closed_loop_stage(config, paths: Paths, model, geometry, params: Params) -> 
   return table.rows, grids
 
 
-def run_model(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable[[str], None]) -> dict:
+def run_model(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable[[str], None],
+              on_stage: Callable[[str, float], None] | None = None,
+              cluster: distributed.Cluster = distributed.SINGLE) -> dict:
+  """Capture, sweep, bounds, closed loop, outputs. With several processes (`cluster`) each captures
+  its shards and evaluates its points; the lead (process 0) merges them and does the rest."""
   from var_jax.capture import CaptureDataset  # pylint: disable=g-import-not-at-top
   from var_jax.config import to_json  # pylint: disable=g-import-not-at-top
   t0 = time.time()
@@ -231,7 +247,9 @@ def run_model(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable
   jobs = sweep_jobs(config, geometry)
   for b in config.closed_loop.budgets:
     Budget.parse(b, geometry)
-  prepare(to_json(model.var.cfg))
+  if cluster.lead:
+    prepare(to_json(model.var.cfg))
+  cluster.barrier('prepared')
   stages, mark = {}, [time.time()]
 
   def done(stage: str) -> None:       # wall seconds per stage (the log and eval/bench_frontier.py)
@@ -239,21 +257,34 @@ def run_model(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable
     stages[stage] = now - mark[0]
     mark[0] = now
     logging.info('stage %s: %.1f s', stage, stages[stage])
-  capture_stage(config, model, paths.capture)
+    if on_stage is not None:
+      on_stage(stage, stages[stage])
+  capture_stage(config, model, paths.capture, cluster)
+  if not config.closed_loop.methods:
+    model = None                  # only the closed loop generates again: free the weights (1.6 GB at d16)
   done('capture')
   val = CaptureDataset(paths.capture, 'val')
   data = sweep.CacheSet.from_dataset(val, config.sweep.val_sequences)
+  if cluster.lead:                       # (re)creates the store: the others open it after the barrier
+    data.exact_store = exact_store.for_run(paths.workdir, paths.capture, data.num_sequences)
+  cluster.barrier('exact_store')
+  data.exact_store = data.exact_store or exact_store.for_run(paths.workdir, paths.capture, data.num_sequences)
+  distributed.references(cluster, data, config.sweep.batch)
   train = CaptureDataset(paths.capture, 'train')
   n_cal = min(config.sweep.calibration_sequences or train.num_sequences, train.num_sequences)
   params = Params(config, paths.workdir, paths.capture, lambda: train.get(np.arange(n_cal)),
                   data.num_layers, data.num_heads)
   table = ResultTable(paths.frontier, sweep.COLUMNS, sweep.KEY)
+  mine, my_jobs = distributed.my_points(cluster, table, jobs)   # (table, jobs) with one process
   evaluate = lambda spec, b: sweep.evaluate_spec(spec, b, data, geometry, params, batch=config.sweep.batch,
                                                  level=config.confidence,
                                                  served_sequences=config.sweep.served_sequences,
                                                  compiler_options=point_compiler_options(config),
                                                  trained_bits=params.trained_bits)
-  failed = run_points(table, jobs, evaluate, config.progress, 'val')
+  failed = run_points(mine, my_jobs, evaluate, config.progress, 'val')
+  table = distributed.gather_points(cluster, table)
+  if table is None:                    # a process other than the lead: the rest is the lead's
+    return {'failed': failed, 'seconds': time.time() - t0, 'stages': stages}
   done('sweep')
   curves = bounds_stage(config, table, data, geometry, jobs)
   done('bounds')
@@ -261,6 +292,7 @@ def run_model(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable
   done('closed_loop')
   finish(config, paths, table.rows, curves, closed, grids, 'VAR KV cache')
   done('outputs')
+  cluster.barrier('done')
   return {'failed': failed, 'seconds': time.time() - t0, 'stages': stages}
 
 
@@ -318,8 +350,11 @@ def run_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({k: v for k, v in config.items() if k not in unused})
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) the frontier of `config` in `workdir`; returns {'failed', 'seconds'}."""
+def run(config: ml_collections.ConfigDict, workdir: str,
+        on_stage: Callable[[str, float], None] | None = None) -> dict:
+  """Runs (or resumes) the frontier of `config` in `workdir`; returns {'failed', 'seconds'} (and
+  'stages': wall seconds per stage, in model mode). `on_stage(name, seconds)` is called as each stage
+  (capture, sweep, bounds, closed_loop, outputs) ends."""
   from train import workdir_guard  # pylint: disable=g-import-not-at-top
   if config.mode not in ('model', 'hard'):
     raise ValueError(f'config.mode must be "model" or "hard", got {config.mode!r}')
@@ -331,7 +366,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if extended:
       logging.info('extending the run in %s (only what is new is computed):\n  %s', workdir,
                    '\n  '.join(extended))
-  return (run_hard if config.mode == 'hard' else run_model)(config, paths, prepare)
+  if config.mode == 'hard':
+    if config.get('distributed') and config.distributed.enabled:
+      raise ValueError('the hard mode runs in one process: drop --config.distributed.enabled')
+    return run_hard(config, paths, prepare)
+  return run_model(config, paths, prepare, on_stage, distributed.init(config))
 
 
 def main(argv: Sequence[str]) -> None:

@@ -122,6 +122,7 @@ class CacheSet:
     self.num_sequences = int(n if num_sequences is None else min(num_sequences, n))
     self.units = np.asarray(units)[:self.num_sequences]
     self.patch_nums = tuple(int(p) for p in patch_nums)
+    self.exact_store = None    # an eval.exact_store.ExactStore: reference outputs computed once per run
     if self.units.shape != (self.num_sequences,):
       raise ValueError(f'units must be (n,) = ({self.num_sequences},), got {self.units.shape}')
 
@@ -146,8 +147,12 @@ class CacheSet:
     return tuple(jnp.asarray(x[t]) for t in 'qkv')
 
   def exact(self, a: int, b: int) -> jax.Array:
-    """Full-cache float32 outputs (layers, b - a, H, L, D) of sequences [a, b) (computed, not kept)."""
-    return compress.exact_outputs(*self.slice(a, b), self.patch_nums)
+    """Full-cache float32 outputs (layers, b - a, H, L, D) of sequences [a, b): read from the
+    `exact_store` when the set has one (computed and written on first use), else computed."""
+    compute = lambda: compress.exact_outputs(*self.slice(a, b), self.patch_nums)
+    if self.exact_store is None:
+      return compute()
+    return jnp.asarray(self.exact_store.get(a, b, compute))
 
 
 def image_units(ds: Any) -> np.ndarray:
@@ -169,10 +174,13 @@ def image_units(ds: Any) -> np.ndarray:
 def run_point(comp: compress.Compressor, params: Any, data: CacheSet, batch: int,
               compiler_options=None) -> dict[str, np.ndarray]:
   """Runs `comp` teacher forced over every held-out sequence, batch by batch (one compiled program for
-  every full batch): d2, e2 (n, N, K) float64, peak_bits (N, n, H), peak_entries (-1: no count)."""
+  every full batch): d2, e2 (n, N, K) float64, peak_bits (N, n, H), peak_entries (-1: no count).
+  With an `exact_store` the reference outputs are read from it, else computed in the same program."""
   d2, e2, bits, entries = [], [], [], []
   for a, b in data.batches(batch):
-    res = compress.teacher_forced_errors(comp, params, *data.slice(a, b), compiler_options=compiler_options)
+    exact = data.exact(a, b) if data.exact_store is not None else None
+    res = compress.teacher_forced_errors(comp, params, *data.slice(a, b), exact_NBHLD=exact,
+                                         compiler_options=compiler_options)
     d2.append(np.asarray(res['d2'], np.float64))
     e2.append(np.asarray(res['e2'], np.float64))
     bits.append(np.asarray(res['peak_bits']))

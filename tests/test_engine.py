@@ -8,6 +8,7 @@ budget, the same outputs as stepping scale by scale, and compiles that do not gr
   jax.monitoring's backend-compile events), and a second pass over the same budgets compiles nothing.
 """
 import functools
+import os
 
 import jax
 import numpy as np
@@ -129,3 +130,71 @@ def test_random_official_architecture_and_bench_figures(tmp_path):
   (tmp_path / 'b').mkdir()
   (tmp_path / 'b' / 'c').write_bytes(b'y' * 5)
   assert bench_frontier.disk_bytes(str(tmp_path)) == 15
+
+
+@pytest.mark.parametrize('name', ['cam', 'pca', 'composed', 'attn_matching_oracle'])
+def test_layer_loop_and_stored_reference_change_nothing(name, monkeypatch):
+  """The layer loop in groups (lax.map, what large models get) and errors against a given reference
+  (what the sweep's exact store passes) equal the one-vmap program that computes its own reference."""
+  from compress.core import teacher_forced as tf
+  g = CacheGeometry(PN, D)
+  comp = compress.make(name, g, '30%')
+  q, k, v = synthetic.var_like_qkv(jax.random.key(4), PN, layers=3, batch=2, heads=2, head_dim=D)
+  calib = {'q': q, 'k': k, 'v': v} if comp.needs_calibration else None
+  params = comp.init_params(jax.random.key(0), 3, 2, calibration=calib)
+  program = lambda: jax.jit(tf._errors_body, static_argnums=0)   # a fresh trace: reads LOGIT_BYTES
+  whole = program()(comp, params, q, k, v)
+  assert tf.layers_per_step(q) == 3
+  monkeypatch.setattr(tf, 'LOGIT_BYTES', 2 * 2 * 4 * g.num_tokens ** 2 * 2)   # 2 of the 3 layers a step
+  assert tf.layers_per_step(q) == 2
+  grouped = program()(comp, params, q, k, v)
+  exact = compress.exact_outputs(q, k, v, PN)                   # also grouped now
+  given = program()(comp, params, q, k, v, exact)
+  monkeypatch.undo()
+  np.testing.assert_allclose(np.asarray(exact), np.asarray(compress.exact_outputs(q, k, v, PN)), rtol=1e-6,
+                             atol=1e-7)
+  for res in (grouped, given):
+    for key in ('d2', 'e2'):
+      np.testing.assert_allclose(np.asarray(res[key]), np.asarray(whole[key]), rtol=1e-4, atol=1e-9,
+                                 err_msg=f'{name} {key}')
+    np.testing.assert_array_equal(np.asarray(res['peak_bits']), np.asarray(whole['peak_bits']))
+  with pytest.raises(ValueError, match='exact outputs have shape'):
+    compress.teacher_forced_errors(comp, params, q, k, v, exact_NBHLD=exact[:, :1])
+
+
+def test_exact_store_computes_once_and_drops_another_captures_files(tmp_path):
+  from eval.exact_store import ExactStore
+  calls = []
+  compute = lambda: calls.append(1) or np.arange(6.0).reshape(1, 2, 3)
+  store = ExactStore(str(tmp_path / 'exact'), {'capture': 'a', 'sequences': 2})
+  np.testing.assert_array_equal(store.get(0, 2, compute), compute())
+  calls.clear()
+  again = ExactStore(str(tmp_path / 'exact'), {'capture': 'a', 'sequences': 2}).get(0, 2, compute)
+  assert not calls and again.dtype == np.float32
+  np.testing.assert_array_equal(again, np.arange(6.0).reshape(1, 2, 3))
+  with open(store.path(0, 2), 'wb') as f:                       # a torn write: recomputed, not read
+    f.write(b'\x93NUMPY')
+  store.get(0, 2, compute)
+  assert len(calls) == 1
+  other = ExactStore(str(tmp_path / 'exact'), {'capture': 'b', 'sequences': 2})    # a new capture
+  assert not (tmp_path / 'exact' / '0000000-0000002.npy').exists()
+  other.get(0, 2, compute)
+  assert len(calls) == 2
+
+
+def test_sweep_with_exact_store_equals_sweep_without(tmp_path):
+  from eval.exact_store import ExactStore
+  g = CacheGeometry((1, 2, 3, 4), D)
+  q, k, v = synthetic.var_like_qkv(jax.random.key(5), g.patch_nums, layers=2, batch=4, heads=2, head_dim=D)
+  data = sweep.CacheSet({'q': np.asarray(q), 'k': np.asarray(k), 'v': np.asarray(v)},
+                        np.array([0, 0, 1, 1]), g.patch_nums)
+  comp = compress.make('cam', g, '25%')
+  plain = sweep.run_point(comp, None, data, batch=3, compiler_options=FAST)
+  data.exact_store = ExactStore(str(tmp_path / 'exact'), {'capture': 'x'})
+  stored = [sweep.run_point(comp, None, data, batch=3, compiler_options=FAST) for _ in range(2)]
+  assert sorted(os.listdir(tmp_path / 'exact')) == ['0000000-0000003.npy', '0000003-0000004.npy',
+                                                    'manifest.json']
+  for res in stored:
+    np.testing.assert_allclose(res['d2'], plain['d2'], rtol=1e-4, atol=1e-12)
+    np.testing.assert_allclose(res['e2'], plain['e2'], rtol=1e-5)
+    np.testing.assert_array_equal(res['peak_bits'], plain['peak_bits'])

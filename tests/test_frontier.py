@@ -444,3 +444,68 @@ def test_tensorboard_serves_the_frontier(model_run, load_fast):
     proc.wait(timeout=30)
   sessions = [d for d in os.listdir(os.path.join(model_run, 'tb_hparams')) if not d.startswith(('.', 'events'))]
   assert len(sessions) == len(rows)
+
+
+# ---------------------------------------------------------------------------- several processes
+def test_assign_gives_every_point_to_one_process_and_learned_methods_whole(tmp_path):
+  from eval import distributed
+  from eval.results import ResultTable
+  jobs = [(sweep.MethodSpec.parse(m), b) for m in ('window', 'kivi', 'merge_learned', 'composed_learned')
+          for b in ('5%', '10%', '25%')]
+  for count in (1, 2, 3):
+    parts = [distributed.assign(distributed.Cluster(i, count), jobs) for i in range(count)]
+    assert sorted(map(str, sum(parts, []))) == sorted(map(str, jobs))          # each exactly once
+    for part in parts:
+      for spec in {s for s, _ in part if s.cls.learned}:                       # a learned method whole
+        assert sum(s == spec for s, _ in part) == 3
+  parts = [distributed.assign(distributed.Cluster(i, 2), jobs) for i in range(2)]
+  assert [sum(not s.cls.learned for s, _ in p) for p in parts] == [3, 3]
+  table = ResultTable(str(tmp_path / 'frontier.csv'), sweep.COLUMNS, sweep.KEY)
+  row = lambda m, b: {'dataset': 'val', 'method': m, 'setting': 'default', 'budget': b, 'rel_error': 0.5}
+  table.append(row('window', '5%'))
+  for i, rows in enumerate(([row('window', '5%'), row('kivi', '5%')], [row('kivi', '10%')])):
+    part = ResultTable(distributed.part_path(str(tmp_path), i), sweep.COLUMNS, sweep.KEY)
+    for r in rows:
+      part.append(r)
+  assert distributed.merge_parts(table, str(tmp_path)) == 2                   # the duplicate is skipped
+  assert {(r['method'], r['budget']) for r in ResultTable(table.path, sweep.COLUMNS, sweep.KEY).rows} == {
+      ('window', '5%'), ('kivi', '5%'), ('kivi', '10%')}
+  assert not os.listdir(tmp_path / 'parts')
+
+
+@pytest.mark.slow
+def test_two_processes_reproduce_the_one_process_run(model_run, tmp_path):
+  """python -m eval.launch --processes 2 (jax.distributed on localhost, one shared workdir) on the
+  same config as `model_run`: the capture, split between the processes, is byte-identical to the
+  one-process capture, and the merged frontier.csv and closed_loop.csv hold the same points and errors."""
+  workdir = str(tmp_path / 'run')
+  flags = ['--config=configs/frontier.py:tiny', f'--workdir={workdir}', '--config.model.source=official',
+           f'--config.model.var_ckpt={FIX / "var.pth"}', f'--config.model.vae_ckpt={FIX / "vae.pth"}',
+           '--config.model.patch_nums=(1,2,3,4)', '--config.capture.train_shards=1',
+           '--config.capture.val_shards=2', '--config.capture.shard_size=2',
+           "--config.sweep.methods=('full','oracle','window','pca')", "--config.sweep.budgets=('25%',)",
+           '--config.sweep.calibration_sequences=4', '--config.sweep.batch=4',
+           "--config.learned.methods=('lowrank_learned',)", "--config.learned.budgets=('25%',)",
+           '--config.learned.train.num_steps=4', '--config.learned.train.batch_size=4',
+           '--config.learned.train.eval_sequences=4', '--config.learned.train.calibration_sequences=4',
+           "--config.closed_loop.methods=('window',)", "--config.closed_loop.budgets=('25%',)",
+           '--config.closed_loop.labels=(1,2)', '--config.closed_loop.seeds=(0,)', '--config.progress=False']
+  repo = pathlib.Path(__file__).parent.parent
+  r = subprocess.run([sys.executable, '-m', 'eval.launch', '--processes', '2', '--', *flags], cwd=repo,
+                     capture_output=True, text=True, timeout=900)
+  log1 = (tmp_path / 'run' / 'parts' / 'process1.log')
+  assert r.returncode == 0, r.stderr[-3000:] + (log1.read_text()[-3000:] if log1.exists() else '')
+  shards = lambda d: {n: e['sha256'] for n, e in
+                      json.load(open(os.path.join(d, 'capture', 'manifest.json')))['shards'].items()}
+  assert shards(workdir) == shards(model_run) and len(shards(workdir)) == 3
+  assert not [f for f in os.listdir(os.path.join(workdir, 'parts')) if f.endswith('.csv')]   # merged
+  for table in ('frontier.csv', 'closed_loop.csv'):
+    key = lambda row: (row['method'], row['setting'], row['budget'])
+    want = {key(row): row for row in read_csv(os.path.join(model_run, table))}
+    got = {key(row): row for row in read_csv(os.path.join(workdir, table))}
+    assert set(got) == set(want), table
+    for k, row in got.items():
+      metric = 'rel_error' if table == 'frontier.csv' else 'token_agreement'
+      assert float(row[metric]) == pytest.approx(float(want[k][metric]), rel=1e-5, abs=1e-7), (table, k)
+      if table == 'frontier.csv':
+        assert row['bits'] == want[k]['bits'], k

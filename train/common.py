@@ -54,8 +54,10 @@ def quiet_orbax() -> None:
 
 # ----------------------------------------------------------------------------- mesh
 def make_mesh() -> Mesh:
-  """1-D mesh over all devices with axis 'data' (batch split, state replicated)."""
-  return Mesh(np.asarray(jax.devices()), ('data',))
+  """1-D mesh over this process's devices with axis 'data' (batch split, state replicated). In a run
+  split over processes (eval/distributed.py) each process trains its own compressors on its own
+  devices; one training run is not spread over processes."""
+  return Mesh(np.asarray(jax.local_devices()), ('data',))
 
 
 def check_batch(batch_size: int, mesh: Mesh) -> None:
@@ -182,17 +184,38 @@ def guarded_update(state: TrainState, grads: nnx.State, rest: nnx.State, loss: j
 # ----------------------------------------------------------------------------- checkpoints
 def checkpoint_manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
   quiet_orbax()
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+  kwargs = {}
+  if jax.process_count() > 1:   # a process of a multi-process run checkpoints its own runs alone
+    me = jax.process_index()
+    kwargs['multiprocessing_options'] = ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f'process{me}')
+    os.makedirs(os.path.join(workdir, 'checkpoints'), exist_ok=True)   # orbax will not, in that mode
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not kwargs, enable_async_checkpointing=False,
+                                         **kwargs)
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')), options=options,
                                item_names=('model', 'opt'))
+
+
+def _local(tree: Any) -> Any:
+  """`tree` as orbax may write or read it: as is in one process; host numpy arrays in a process of a
+  multi-process run, whose arrays are local to it (orbax serialises only global jax.Arrays there)."""
+  return jax.device_get(tree) if jax.process_count() > 1 else tree
+
+
+def _like(got: Any, target: Any) -> Any:
+  """Restored `got` on the devices and shardings of `target` (a no-op in one process)."""
+  if jax.process_count() == 1:
+    return got
+  return jax.tree.map(lambda g, t: jax.device_put(g, t.sharding) if isinstance(t, jax.Array) else g,
+                      got, target)
 
 
 def save(mngr: ocp.CheckpointManager, state: TrainState) -> int:
   step = int(jax.device_get(state['step']))
   if step not in mngr.all_steps():
     mngr.save(step, args=ocp.args.Composite(
-        model=ocp.args.StandardSave({'params': state['params'], 'rest': state['rest']}),
-        opt=ocp.args.StandardSave({'opt': state['opt'], 'step': state['step']})))
+        model=ocp.args.StandardSave(_local({'params': state['params'], 'rest': state['rest']})),
+        opt=ocp.args.StandardSave(_local({'opt': state['opt'], 'step': state['step']}))))
     mngr.wait_until_finished()
   return step
 
@@ -200,8 +223,10 @@ def save(mngr: ocp.CheckpointManager, state: TrainState) -> int:
 def restore(mngr: ocp.CheckpointManager, state: TrainState, step: int) -> TrainState:
   """Restores the full training state of `step` with the structure and shardings of `state`."""
   got = mngr.restore(step, args=ocp.args.Composite(
-      model=ocp.args.StandardRestore({'params': state['params'], 'rest': state['rest']}),
-      opt=ocp.args.StandardRestore({'opt': state['opt'], 'step': state['step']})))
+      model=ocp.args.StandardRestore(_local({'params': state['params'], 'rest': state['rest']})),
+      opt=ocp.args.StandardRestore(_local({'opt': state['opt'], 'step': state['step']}))))
+  got = {'model': _like(dict(got['model']), {'params': state['params'], 'rest': state['rest']}),
+         'opt': _like(dict(got['opt']), {'opt': state['opt'], 'step': state['step']})}
   return {'params': got['model']['params'], 'rest': got['model']['rest'], 'opt': got['opt']['opt'],
           'step': got['opt']['step']}
 
@@ -218,8 +243,9 @@ def restore_model(workdir: str, model: nnx.Module, step: int | None = None) -> i
     raise ValueError(f'no checkpoint for step {step} in {workdir!r}; available steps: {sorted(steps)}')
   _, params, rest = nnx.split(model, nnx.Param, ...)
   got = mngr.restore(step, args=ocp.args.Composite(
-      model=ocp.args.StandardRestore({'params': params, 'rest': rest})))
-  nnx.update(model, got['model']['params'], got['model']['rest'])
+      model=ocp.args.StandardRestore(_local({'params': params, 'rest': rest}))))
+  got = _like(dict(got['model']), {'params': params, 'rest': rest})
+  nnx.update(model, got['params'], got['rest'])
   mngr.close()
   return step
 

@@ -268,10 +268,11 @@ def write_scalars(writer: tensorboardX.SummaryWriter, prefix: str, values: dict[
 # ----------------------------------------------------------------------------- training
 def batch_at(split: Any, step: int, batch_size: int, seed: int, mesh: Mesh) -> dict[str, jax.Array]:
   """The training batch of `step` (a pure function of it): {'q', 'k', 'v'} global arrays
-  (batch_size, layers, H, L, D) split over 'data'; each process reads only its own rows."""
+  (batch_size, layers, H, L, D) split over 'data'; each process of the mesh reads only its own rows."""
   idx = common.batch_indices(step, batch_size, split.num_sequences, seed)
-  per_process = batch_size // jax.process_count()
-  x = split.get(idx[jax.process_index() * per_process:(jax.process_index() + 1) * per_process])
+  processes = sorted({d.process_index for d in mesh.devices.flat})      # those the mesh spans
+  rank, per_process = processes.index(jax.process_index()), batch_size // len(processes)
+  x = split.get(idx[rank * per_process:(rank + 1) * per_process])
   sharding = NamedSharding(mesh, P('data'))
   return {t: jax.make_array_from_process_local_data(sharding, np.moveaxis(x[t], 1, 0),
                                                     (batch_size,) + x[t].shape[:1] + x[t].shape[2:])

@@ -19,7 +19,7 @@ from absl import logging
 
 # Keys that do not change what is computed: they may differ when a run is resumed.
 RUNTIME_KEYS = frozenset({'overwrite', 'progress', 'log_every', 'ckpt_every', 'keep_ckpts', 'eval_every',
-                          'eval_at_start', 'eval_at_end', 'allow_code_change'})
+                          'eval_at_start', 'eval_at_end', 'allow_code_change', 'distributed'})
 CODE_KEY = 'code_sha256'          # in config.json: the package sources the run was made with
 PACKAGES = ('var_jax', 'compress', 'train', 'eval', 'configs')
 

@@ -19,12 +19,13 @@ class for both). Layout of `--out`:
 
 Files are written to a temporary name and renamed, the manifest after each shard: re-running the same
 command skips finished shards, re-creates missing or corrupt ones and finishes an interrupted capture
-with byte-identical files; other arguments into the same directory are refused. Read with
-`CaptureDataset(out, 'train').get(indices)` -> {'q', 'k', 'v'} float32 (N_layers, b, H, L, D).
+with byte-identical files; other arguments into the same directory are refused. Several processes
+may share one capture (`part=(i, P)`: shard j by process j % P; see `capture`). Read with
+`CaptureDataset(out, 'train').get(indices)` -> {'q', 'k', 'v'} float32 (N_layers, b, H, L, D)
+(var_jax/capture_data.py).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import zipfile
@@ -35,12 +36,14 @@ import numpy as np
 
 from var_jax import config as config_lib
 from var_jax.api import VARModel
+from var_jax.capture_data import CaptureDataset as CaptureDataset  # re-exported: the reader of what this writes
+from var_jax.capture_data import FORMAT, KINDS, file_problem, sha256_file
 from var_jax.provenance import MANIFEST, manifest_identity, weights_sha256
 
-FORMAT = 'var-kv-capture/1'
+__all__ = ('CaptureDataset', 'DTYPES', 'FORMAT', 'KINDS', 'MANIFEST', 'capture', 'merge_entries', 'open_capture',
+           'shard_plan')
 VAL_SEED_OFFSET = 1_000_000
 DTYPES = ('float32', 'float16')
-KINDS = ('q', 'k', 'v')
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)   # fixed zip member timestamps: byte-identical .npz files
 
 
@@ -53,7 +56,7 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> dict[str, Any
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
-  return {'bytes': path.stat().st_size, 'sha256': _sha256_file(path)}
+  return {'bytes': path.stat().st_size, 'sha256': sha256_file(path)}
 
 
 def _npy(arr: np.ndarray) -> Callable[[BinaryIO], None]:
@@ -70,28 +73,9 @@ def _npz(arrays: Mapping[str, np.ndarray]) -> Callable[[BinaryIO], None]:
   return write
 
 
-def _sha256_file(path: Path) -> str:
-  sha = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 24), b''):
-      sha.update(block)
-  return sha.hexdigest()
-
-
 def _write_json(path: Path, obj: Any) -> None:
   text = json.dumps(obj, indent=1, sort_keys=True) + '\n'
   _atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def _file_problem(path: Path, entry: Mapping[str, Any], name: str, check_sha: bool) -> str | None:
-  """Why the finished file `name` of a shard is unusable, or None if it is intact."""
-  if not path.is_file():
-    return f'{path} is missing'
-  if path.stat().st_size != entry['bytes'][name]:
-    return f'{path} has {path.stat().st_size} bytes, the manifest says {entry["bytes"][name]}'
-  if check_sha and _sha256_file(path) != entry['sha256'][name]:
-    return f'{path} is corrupt (sha256 differs from the manifest)'
-  return None
 
 
 # ------------------------------------------------------------------------------ plan and identity
@@ -154,15 +138,13 @@ def _manifest(model: VARModel, plan: list[dict[str, Any]], **args: Any) -> dict[
       'shards': {}}))
 
 
-def capture(model: VARModel, out_dir: str | os.PathLike, *, train_shards: int, val_shards: int,
-            shard_size: int, seed: int = 0, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
-            dtype: str = 'float32', progress: bool = True,
-            source: Mapping[str, Any] | None = None) -> str:
-  """Captures `train_shards + val_shards` shards of `shard_size` images into `out_dir` (resumable).
-
-  `source` (optional, informational: where the model came from) is stored in the manifest but not
-  compared on re-runs; the model's configs and weights_sha256 are. Returns `out_dir`.
-  """
+def open_capture(model: VARModel, out_dir: str | os.PathLike, *, train_shards: int, val_shards: int,
+                 shard_size: int, seed: int = 0, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
+                 dtype: str = 'float32', source: Mapping[str, Any] | None = None,
+                 write: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """The manifest of the capture in `out_dir` (created if new: `write`; another capture's arguments
+  are refused) with the finished shards of an interrupted multi-process capture folded in, and the
+  shard plan. `write=False` only reads an existing manifest (a process of a multi-process capture)."""
   if dtype not in DTYPES:
     raise ValueError(f'dtype must be one of {DTYPES}, got {dtype!r}')
   if min(train_shards, val_shards) < 0 or shard_size < 1 or train_shards + val_shards < 1:
@@ -181,22 +163,69 @@ def capture(model: VARModel, out_dir: str | os.PathLike, *, train_shards: int, v
                        'Use a new --out directory (earlier results are never deleted), or re-run with '
                        f'the arguments recorded in {path} to resume it')
     manifest['model']['source'], manifest['shards'] = old['model'].get('source', {}), old['shards']
+  elif not write:
+    raise FileNotFoundError(f'{path} is missing: the first process of a multi-process capture writes it '
+                            'before the others start (open_capture)')
   elif out.exists() and any(out.iterdir()):
     raise ValueError(f'{out} is not empty and has no {MANIFEST}: choose a new --out directory')
-  out.mkdir(parents=True, exist_ok=True)
-  _write_json(path, manifest)
+  if write:
+    out.mkdir(parents=True, exist_ok=True)
+    merge_entries(out, manifest)
+  return manifest, plan
+
+
+def merge_entries(out_dir: str | os.PathLike, manifest: dict[str, Any] | None = None) -> None:
+  """Folds the `<shard>.entry.json` files of a multi-process capture into the manifest (written)."""
+  out = Path(out_dir)
+  if manifest is None:
+    manifest = json.loads((out / MANIFEST).read_text())
+  entries = sorted(out.glob('*' + _ENTRY))
+  for e in entries:
+    manifest['shards'][e.name[:-len(_ENTRY)]] = json.loads(e.read_text())
+  _write_json(out / MANIFEST, manifest)
+  for e in entries:
+    e.unlink()
+
+
+_ENTRY = '.entry.json'
+
+
+def capture(model: VARModel, out_dir: str | os.PathLike, *, train_shards: int, val_shards: int,
+            shard_size: int, seed: int = 0, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
+            dtype: str = 'float32', progress: bool = True,
+            source: Mapping[str, Any] | None = None, part: tuple[int, int] = (0, 1)) -> str:
+  """Captures `train_shards + val_shards` shards of `shard_size` images into `out_dir` (resumable).
+
+  `source` (optional, informational: where the model came from) is stored in the manifest but not
+  compared on re-runs; the model's configs and weights_sha256 are. Returns `out_dir`.
+  `part=(i, P)`, P > 1: process i of P sharing `out_dir` captures the shards j with j % P == i and
+  records each in `<shard>.entry.json` (the manifest, written beforehand by `open_capture` on one
+  process, is only read); `merge_entries` folds them into the manifest once every process is done.
+  """
+  index, count = part
+  if not 0 <= index < count:
+    raise ValueError(f'part must be (index, count) with 0 <= index < count, got {part}')
+  args = dict(train_shards=train_shards, val_shards=val_shards, shard_size=shard_size, seed=seed,
+              cfg=cfg, top_k=top_k, top_p=top_p, dtype=dtype, source=source)
+  manifest, plan = open_capture(model, out_dir, **args, write=count == 1)
+  out, path = Path(out_dir), Path(out_dir) / MANIFEST
 
   from tqdm import tqdm
   todo = []
-  for p in plan:
+  for j, p in enumerate(plan):
+    if j % count != index:
+      continue
     entry = manifest['shards'].get(p['name'])
+    if entry is None and (out / (p['name'] + _ENTRY)).is_file():
+      entry = json.loads((out / (p['name'] + _ENTRY)).read_text())
     problems = [] if entry is None else [
-        pr for n, f in entry['files'].items() if (pr := _file_problem(out / f, entry, n, True))]
+        pr for n, f in entry['files'].items() if (pr := file_problem(out / f, entry, n, True))]
     if problems:
       print(f're-creating shard {p["name"]}: {"; ".join(problems)}')
     if entry is None or problems:
       todo.append(p)
-  with tqdm(total=len(plan), initial=len(plan) - len(todo), desc='capture', unit='shard',
+  mine = sum(j % count == index for j in range(len(plan)))
+  with tqdm(total=mine, initial=mine - len(todo), desc='capture', unit='shard',
             disable=not progress) as bar:
     for p in todo:
       qkv, meta = _shard_arrays(model, p['labels'], p['seed'], cfg, top_k, top_p)
@@ -205,104 +234,16 @@ def capture(model: VARModel, out_dir: str | os.PathLike, *, train_shards: int, v
                  for i, n in enumerate(KINDS)}
       written['meta'] = _atomic_write(out / files['meta'], _npz(meta))
       del qkv
-      manifest['shards'][p['name']] = {
-          'split': p['split'], 'seed': p['seed'], 'labels': p['labels'], 'num_sequences': 2 * shard_size,
-          'files': files, 'bytes': {n: w['bytes'] for n, w in written.items()},
-          'sha256': {n: w['sha256'] for n, w in written.items()}}
-      _write_json(path, manifest)   # the shard counts as finished only from here on
+      entry = {'split': p['split'], 'seed': p['seed'], 'labels': p['labels'], 'num_sequences': 2 * shard_size,
+               'files': files, 'bytes': {n: w['bytes'] for n, w in written.items()},
+               'sha256': {n: w['sha256'] for n, w in written.items()}}
+      if count > 1:                 # the shard counts as finished only from here on
+        _write_json(out / (p['name'] + _ENTRY), entry)
+      else:
+        manifest['shards'][p['name']] = entry
+        _write_json(path, manifest)
       bar.update(1)
   return os.fspath(out_dir)
-
-
-# ------------------------------------------------------------------------------ reader
-class CaptureDataset:
-  """Memory-mapped reader of one split of a capture directory.
-
-  `get(indices)` -> {'q', 'k', 'v'} float32 (N_layers, b, H, L, D) (q pre-scaled); per sequence
-  `labels`, `seeds`, `halves` (0 conditional, 1 unconditional) (n,) and `tokens` (n, L) int32; sizes
-  `num_sequences`, `patch_nums`, `num_layers`, `num_heads`, `head_dim`, `num_tokens`; `manifest`.
-  With `verify` (default) a shard's files are checked against their sha256 the first time it is read.
-  """
-
-  MAX_OPEN: int = 64
-
-  def __init__(self, path: str | os.PathLike, split: str = 'train', *, verify: bool = True):
-    self.path, self.split, self.verify = Path(path), split, verify
-    mpath = self.path / MANIFEST
-    if not mpath.is_file():
-      raise FileNotFoundError(f'{mpath} not found: {path} is not a capture directory; create one with '
-                              f'python -m var_jax.capture --out {path} --model=default (or --var_ckpt/'
-                              '--vae_ckpt, --converted) first')
-    self.manifest = json.loads(mpath.read_text())
-    if self.manifest.get('format') != FORMAT:
-      raise ValueError(f'{mpath} has format {self.manifest.get("format")!r}, expected {FORMAT!r}; '
-                       'capture again into a new directory')
-    if split not in self.manifest['splits']:
-      raise ValueError(f'split must be one of {sorted(self.manifest["splits"])}, got {split!r}')
-    names = self.manifest['splits'][split]
-    unfinished = [n for n in names if n not in self.manifest['shards']]
-    if unfinished:
-      raise ValueError(f'{path} is an unfinished capture ({len(unfinished)} of {len(names)} {split} '
-                       'shards missing): re-run the same python -m var_jax.capture command to finish it')
-    if not names:
-      raise ValueError(f'{path} has no {split} shards; capture with --{split}_shards >= 1')
-    self._shards = [self.manifest['shards'][n] for n in names]
-    for entry in self._shards:
-      for n in entry['files']:
-        self._check(entry, n, sha=(n == 'meta' and verify))
-    metas = [np.load(self.path / e['files']['meta']) for e in self._shards]
-    self.labels, self.seeds, self.halves, self.tokens = (
-        np.concatenate([m[k] for m in metas]) for k in ('labels', 'seeds', 'half', 'tokens'))
-    self._ends = np.cumsum([e['num_sequences'] for e in self._shards])
-    m = self.manifest
-    self.num_sequences = int(self._ends[-1])
-    self.patch_nums: tuple[int, ...] = tuple(m['patch_nums'])
-    self.num_layers, self.num_heads, self.head_dim, self.num_tokens = (
-        int(m[k]) for k in ('num_layers', 'num_heads', 'head_dim', 'num_tokens'))
-    self._open: dict[int, dict[str, np.ndarray]] = {}
-    self._verified: set[int] = set()
-
-  def _check(self, entry: Mapping[str, Any], name: str, sha: bool) -> None:
-    f = self.path / entry['files'][name]
-    problem = _file_problem(f, entry, name, sha)
-    if problem:
-      raise (FileNotFoundError if not f.is_file() else ValueError)(
-          f'{problem}: re-run the python -m var_jax.capture command that made {self.path} with the '
-          'same arguments; it re-creates missing or corrupt shards')
-
-  def __len__(self) -> int:
-    return self.num_sequences
-
-  def _arrays(self, s: int) -> dict[str, np.ndarray]:
-    """Shard s's memory maps (sha256-checked on first use; at most MAX_OPEN shards kept open)."""
-    if s not in self._open:
-      entry = self._shards[s]
-      for n in KINDS:
-        self._check(entry, n, sha=self.verify and s not in self._verified)
-      self._verified.add(s)
-      if len(self._open) >= self.MAX_OPEN:   # each memory map holds a file descriptor
-        del self._open[next(iter(self._open))]
-      self._open[s] = {n: np.load(self.path / entry['files'][n], mmap_mode='r') for n in KINDS}
-    return self._open[s]
-
-  def get(self, indices: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
-    """{'q', 'k', 'v'}: float32 (N_layers, b, H, L, D) for sequence `indices` (b of them, any order)."""
-    idx = np.asarray(indices, np.int64).reshape(-1)
-    n = self.num_sequences
-    if idx.size and (idx.min() < -n or idx.max() >= n):
-      raise IndexError(f'indices must be in [-{n}, {n}) for the {n} {self.split} sequences, '
-                       f'got min {idx.min()} max {idx.max()}')
-    idx = idx % n if idx.size else idx
-    shard = np.searchsorted(self._ends, idx, side='right')
-    shape = (self.num_layers, idx.size, self.num_heads, self.num_tokens, self.head_dim)
-    out = {k: np.empty(shape, np.float32) for k in KINDS}
-    for s in np.unique(shard):
-      pos = np.nonzero(shard == s)[0]
-      local = idx[pos] - (self._ends[s - 1] if s else 0)
-      order = np.argsort(local, kind='stable')   # sorted reads from the memory map
-      for k, arr in self._arrays(int(s)).items():
-        out[k][:, pos[order]] = np.swapaxes(arr[local[order]], 0, 1)
-    return out
 
 
 # ------------------------------------------------------------------------------ CLI

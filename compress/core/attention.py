@@ -44,13 +44,15 @@ def block_causal_attention(q_BHLD: jax.Array, k_BHLD: jax.Array, v_BHLD: jax.Arr
 
   The reference every compressor is measured against (float32). Shapes (B, H, L, D), L = sum pn^2.
   """
-  sizes = [p * p for p in patch_nums]
-  scale_L = jnp.repeat(jnp.arange(len(sizes)), jnp.array(sizes), total_repeat_length=sum(sizes))
-  mask_LL = scale_L[:, None] >= scale_L[None, :]
   f32 = jnp.float32
-  logits = jnp.einsum('bhld,bhmd->bhlm', q_BHLD.astype(f32), k_BHLD.astype(f32))
-  logits = jnp.where(mask_LL, logits, NEG_INF)
-  return jnp.einsum('bhlm,bhmd->bhld', jax.nn.softmax(logits, axis=-1), v_BHLD.astype(f32))
+  q, k, v = (x.astype(f32) for x in (q_BHLD, k_BHLD, v_BHLD))
+  outs, start = [], 0
+  for p in patch_nums:                 # one block per scale: its queries over every key up to its end
+    end = start + p * p
+    logits = jnp.einsum('bhld,bhmd->bhlm', q[:, :, start:end], k[:, :, :end])
+    outs.append(jnp.einsum('bhlm,bhmd->bhld', jax.nn.softmax(logits, axis=-1), v[:, :, :end]))
+    start = end
+  return jnp.concatenate(outs, axis=2)
 
 
 def rel_error(approx: jax.Array, exact: jax.Array) -> jax.Array:
