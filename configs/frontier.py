@@ -5,6 +5,7 @@ Run (from the repository root):
   python -m eval.frontier --config configs/default.py --workdir runs/frontier     # the main job, <= 10 min
   python -m eval.frontier --config configs/frontier.py:hard --workdir runs/frontier_hard
   python -m eval.frontier --config configs/frontier.py:full --workdir runs/frontier_full
+  python -m eval.launch --processes 4 -- --config configs/frontier.py:d16 --workdir runs/d16   # 4 processes
 then: tensorboard --logdir <workdir>/tb
 
 Variants:
