@@ -17,7 +17,7 @@ import dataclasses
 import glob
 import os
 import zlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -113,11 +113,17 @@ def capture(cluster: Cluster, model: Any, path: str, **kwargs: Any) -> None:
   cluster.barrier('capture_merged')
 
 
-def references(cluster: Cluster, data: Any, batch: int) -> None:
-  """Computes the full-cache reference outputs of this process's batches into `data.exact_store`
-  (a batch is the sweep's batch: every process then reads every batch's reference from disk)."""
-  if cluster.count == 1 or data.exact_store is None:
-    return
+def references(cluster: Cluster, data: Any, batch: int, open_store: Callable[[], Any]) -> None:
+  """Gives `data` its reference store (`open_store()`: the lead first, which empties another capture's
+  store, then the others) and, with several processes, computes the full-cache reference outputs of
+  this process's batches into it (batches of the sweep's size: every process then reads them all)."""
+  if cluster.lead:
+    data.exact_store = open_store()
+  cluster.barrier('exact_store')
+  if not cluster.lead:
+    data.exact_store = open_store()
+  if cluster.count == 1:
+    return                                  # one process computes each batch's on first use
   for i, (a, b) in enumerate(data.batches(batch)):
     if cluster.owns(i):
       data.exact(a, b)

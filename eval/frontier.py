@@ -265,11 +265,8 @@ def run_model(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable
   done('capture')
   val = CaptureDataset(paths.capture, 'val')
   data = sweep.CacheSet.from_dataset(val, config.sweep.val_sequences)
-  if cluster.lead:                       # (re)creates the store: the others open it after the barrier
-    data.exact_store = exact_store.for_run(paths.workdir, paths.capture, data.num_sequences)
-  cluster.barrier('exact_store')
-  data.exact_store = data.exact_store or exact_store.for_run(paths.workdir, paths.capture, data.num_sequences)
-  distributed.references(cluster, data, config.sweep.batch)
+  distributed.references(cluster, data, config.sweep.batch,
+                         lambda: exact_store.for_run(paths.workdir, paths.capture, data.num_sequences))
   train = CaptureDataset(paths.capture, 'train')
   n_cal = min(config.sweep.calibration_sequences or train.num_sequences, train.num_sequences)
   params = Params(config, paths.workdir, paths.capture, lambda: train.get(np.arange(n_cal)),
