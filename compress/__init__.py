@@ -16,11 +16,12 @@ from compress.core.budget import Budget, CacheGeometry
 from compress.core.interface import Compressor, StepContext
 from compress.core.policy import CompressorPolicy
 from compress.core.registry import available, make, register, REGISTRY
-from compress.core.teacher_forced import errors, exact_outputs, run_teacher_forced, teacher_forced_errors
+from compress.core.teacher_forced import (compile_errors, errors, exact_outputs, run_teacher_forced,
+                                          teacher_forced_errors)
 
 # The built-in families, imported explicitly: each module registers its compressors on import.
 from compress import composed, eviction, lowrank, matching, merging, quantization, reference, window  # noqa: E402,F401
 
 __all__ = ['Budget', 'CacheGeometry', 'Compressor', 'CompressorPolicy', 'REGISTRY', 'StepContext',
-           'available', 'errors', 'exact_outputs', 'make', 'register', 'run_teacher_forced', 'synthetic',
+           'available', 'compile_errors', 'errors', 'exact_outputs', 'make', 'register', 'run_teacher_forced', 'synthetic',
            'teacher_forced_errors']

@@ -73,6 +73,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'budgets': BUDGETS,
       'val_sequences': 0,          # 0: the whole validation split
       'batch': 32,                 # sequences per compiled call (one program per method and budget)
+      # points whose programs are compiled on background threads while the current point runs
+      # (eval/points.py; 0: none): same results, less sweep time where points are compile-bound
+      'compile_ahead': 1,
       # training sequences given to calibrated compressors (pca, ...); 0: the whole training split,
       # the same sequences the learned compressors train on
       'calibration_sequences': 0,

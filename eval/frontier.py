@@ -24,10 +24,8 @@ Mode 'hard' (configs/frontier.py:hard) runs stages 4-6 and 8 on the hard instanc
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -39,14 +37,16 @@ from absl import logging
 import compress
 from compress.core.budget import Budget, CacheGeometry
 from eval import closed_loop, distributed, exact_store, gaussian_reference, hard, pareto, plots, rank_bound, sweep, tb
+from eval.points import run_points
 from eval.params import Params
 from eval.results import Paths, ResultTable, write_table
 from eval.sweep import FULL_BUDGET, MethodSpec
 
 ALL = 'all'          # in a methods list: every registered compressor of that kind
 # Config keys that may change between runs in one workdir: they only add (or drop) points, each of
-# which is keyed by itself (rows by dataset/method/setting/budget, trained compressors by their folder).
-EXTENDABLE = ('sweep.methods', 'sweep.budgets', 'learned.methods', 'learned.budgets', 'learned.method_budgets',
+# which is keyed by itself (rows by dataset/method/setting/budget, trained compressors by their folder),
+# or say how the points are scheduled (sweep.compile_ahead).
+EXTENDABLE = ('sweep.compile_ahead', 'sweep.methods', 'sweep.budgets', 'learned.methods', 'learned.budgets', 'learned.method_budgets',
               'closed_loop.methods',
               'closed_loop.budgets', 'rank_bound.settings', 'hard.methods', 'hard.budgets')
 # applies_to: the families a bound holds for ('all': every compressor; 'reference': not a bound)
@@ -87,44 +87,25 @@ def sweep_jobs(config: ml_collections.ConfigDict, geometry: CacheGeometry) -> li
   return jobs
 
 
-def run_points(table: ResultTable, jobs: Sequence[tuple[MethodSpec, Any]],
-               evaluate: Callable[[MethodSpec, Any], dict], progress: bool, dataset: str) -> list[str]:
-  """Evaluates every job whose row is missing; returns the failures (those rows stay missing)."""
-  from tqdm import tqdm
-  failed = []
-  todo = [(s, b) for s, b in jobs if {'dataset': dataset, 'method': s.name, 'setting': s.setting,
-                                      'budget': b} not in table]
-  if len(todo) < len(jobs):
-    logging.info('%s: reusing %d finished points of %d from %s; computing %d', dataset,
-                 len(jobs) - len(todo), len(jobs), table.path, len(todo))
-  with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f'frontier [{dataset}]', unit='point',
-            disable=not progress) as bar:
-    for spec, budget in todo:
-      bar.set_postfix_str(f'{spec}@{budget}')
-      try:
-        table.append(evaluate(spec, budget))
-      except Exception as e:  # pylint: disable=broad-except  (one broken compressor must not stop the rest)
-        failed.append(f'{spec}@{budget}: {type(e).__name__}: {e}')
-        print(f'\nFAILED {failed[-1]}', file=sys.stderr)
-      bar.update(1)
-      trim_heap()
-  return failed
-
-
-def trim_heap() -> None:
-  """Hands the heap pages a finished point freed back to the OS (glibc's malloc_trim; XLA's freed
-  buffers otherwise stay in the process: at d16 ~0.4 GB after a few points). No-op elsewhere."""
-  try:
-    ctypes.CDLL('libc.so.6').malloc_trim(0)
-  except (OSError, AttributeError):
-    pass
-
-
 def point_compiler_options(config: ml_collections.ConfigDict):
   """XLA options of the sweep's point programs: fast compiles on CPU with config.fast_compile (a point
   is compile-bound there: one program per method, setting and budget), XLA's defaults otherwise."""
   from compress.core.teacher_forced import fast_compile_options  # pylint: disable=g-import-not-at-top
   return fast_compile_options() if config.fast_compile else None
+
+
+def ahead(config: ml_collections.ConfigDict, data: sweep.CacheSet, geometry: CacheGeometry,
+          params: Params) -> Callable[[MethodSpec, Any], Callable[[], None]] | None:
+  """`prepare` for eval.points.run_points (compile points' programs ahead of their run), or None when
+  config.sweep.compile_ahead is 0."""
+  if not config.sweep.get('compile_ahead', 1):
+    return None
+  options = point_compiler_options(config)
+
+  def prepare(spec: MethodSpec, budget: Any) -> Callable[[], None]:
+    comp, p = sweep.make_point(spec, budget, geometry, params)
+    return lambda: sweep.warm_point(comp, p, data, config.sweep.batch, options)
+  return prepare
 
 
 # ---------------------------------------------------------------------------- model mode
@@ -278,7 +259,8 @@ def run_model(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable
                                                  served_sequences=config.sweep.served_sequences,
                                                  compiler_options=point_compiler_options(config),
                                                  trained_bits=params.trained_bits)
-  failed = run_points(mine, my_jobs, evaluate, config.progress, 'val')
+  failed = run_points(mine, my_jobs, evaluate, config.progress, 'val',
+                      ahead(config, data, geometry, params), config.sweep.get('compile_ahead', 1))
   table = distributed.gather_points(cluster, table)
   if table is None:                    # a process other than the lead: the rest is the lead's
     return {'failed': failed, 'seconds': time.time() - t0, 'stages': stages}

@@ -189,6 +189,23 @@ def run_point(comp: compress.Compressor, params: Any, data: CacheSet, batch: int
           'peak_entries': max(entries)}
 
 
+def warm_point(comp: compress.Compressor, params: Any, data: CacheSet, batch: int,
+               compiler_options=None) -> None:
+  """Compiles (runs nothing) every program `run_point(comp, params, data, batch)` will call: one per
+  distinct batch size (eval/points.py calls this on a background thread, a point ahead)."""
+  for size in sorted({b - a for a, b in data.batches(batch)}):
+    compress.compile_errors(comp, params, (data.num_layers, size, data.num_heads, data.num_tokens,
+                                           data.head_dim), with_exact=data.exact_store is not None,
+                            compiler_options=compiler_options)
+
+
+def make_point(spec: MethodSpec, budget: Any, geometry: CacheGeometry,
+               params_fn: Callable[[MethodSpec, compress.Compressor], Any]) -> tuple[compress.Compressor, Any]:
+  """The compressor of `spec` at `budget` (FULL_BUDGET: the full cache) and its parameters."""
+  comp = spec.make(geometry, compress.Budget(geometry.full_bits) if budget == FULL_BUDGET else budget)
+  return comp, params_fn(spec, comp)
+
+
 def summarize(d2_nNK: np.ndarray, e2_nNK: np.ndarray, units: np.ndarray, level: float) -> dict[str, Any]:
   """Aggregate errors: overall with its CI over units, per layer (N,) and per scale (K,)."""
   _, inverse = np.unique(units, return_inverse=True)
@@ -224,8 +241,7 @@ def evaluate_spec(spec: MethodSpec, budget: Any, data: CacheSet, geometry: Cache
   the point's program (compress.core.teacher_forced.fast_compile_options()); `trained_bits(spec, comp)`:
   the budget its parameters were trained at (default: its own budget when learned)."""
   t0 = time.perf_counter()
-  comp = spec.make(geometry, compress.Budget(geometry.full_bits) if budget == FULL_BUDGET else budget)
-  params = params_fn(spec, comp)
+  comp, params = make_point(spec, budget, geometry, params_fn)
   res = run_point(comp, params, data, batch, compiler_options)
   bits = float(res['peak_bits'].max())
   summary = summarize(res['d2'], res['e2'], data.units, level)

@@ -161,6 +161,16 @@ def teacher_forced_errors(comp: Compressor, params: Any, q_NBHLD: jax.Array, k_N
   return _errors_program(compiler_options)(comp, params, q_NBHLD, k_NBHLD, v_NBHLD, exact_NBHLD)
 
 
+def compile_errors(comp: Compressor, params: Any, shape_NBHLD: tuple[int, ...], *, with_exact: bool,
+                   compiler_options=None) -> None:
+  """Compiles, without running, the program `teacher_forced_errors` runs on float32 q, k, v (and
+  `exact_NBHLD` when `with_exact`) of `shape_NBHLD`: the later call finds it in jax's compile cache.
+  A sweep compiles its next point this way (on another thread) while the current one runs."""
+  sds = jax.ShapeDtypeStruct(tuple(shape_NBHLD), jnp.float32)
+  _check(comp, sds)
+  _errors_program(compiler_options).lower(comp, params, sds, sds, sds, sds if with_exact else None).compile()
+
+
 def _exact_body(patch_nums, q_NBHLD, k_NBHLD, v_NBHLD):
   return over_layers(lambda _, q, k, v: block_causal_attention(q, k, v, patch_nums), None,
                      q_NBHLD, k_NBHLD, v_NBHLD)

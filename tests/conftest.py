@@ -1,0 +1,17 @@
+"""Suite-wide settings: XLA's cheapest CPU code generation for every program the tests compile.
+
+The suite is compile-bound: hundreds of small programs, most run once or twice on tiny shapes. These
+backend options (what `compress.core.teacher_forced.fast_compile_options` gives the sweep) lower
+XLA's CPU backend optimisation level and skip LLVM's expensive passes: the same HLO graph, compiled
+faster, with outputs equal up to float rounding, so every tolerance stays what it is. They reach the
+subprocesses the tests start (CLI runs, `eval.launch`) through the environment. XLA's defaults (what a
+user runs) are kept when XLA_FLAGS already sets either option, or with VAR_TESTS_XLA_DEFAULTS=1.
+"""
+import os
+
+_FAST = {'--xla_backend_optimization_level': '0', '--xla_llvm_disable_expensive_passes': 'true'}
+
+if os.environ.get('VAR_TESTS_XLA_DEFAULTS') != '1':
+  _flags = os.environ.get('XLA_FLAGS', '')
+  if not any(name in _flags for name in _FAST):
+    os.environ['XLA_FLAGS'] = ' '.join([_flags] + [f'{k}={v}' for k, v in _FAST.items()]).strip()
