@@ -73,6 +73,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'budgets': BUDGETS,
       'val_sequences': 0,          # 0: the whole validation split
       'batch': 32,                 # sequences per compiled call (one program per method and budget)
+      # at most this many bytes of float32 q, k, v + reference per batch (fewer sequences for large
+      # models; 0: no cap): the sweep's and the bounds' memory follows the batch
+      'batch_bytes': 2 ** 30,
       # points whose programs are compiled on background threads while the current point runs
       # (eval/points.py; 0: none): same results, less sweep time where points are compile-bound
       'compile_ahead': 1,

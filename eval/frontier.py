@@ -95,7 +95,7 @@ def point_compiler_options(config: ml_collections.ConfigDict):
 
 
 def ahead(config: ml_collections.ConfigDict, data: sweep.CacheSet, geometry: CacheGeometry,
-          params: Params) -> Callable[[MethodSpec, Any], Callable[[], None]] | None:
+          params: Params, batch: int) -> Callable[[MethodSpec, Any], Callable[[], None]] | None:
   """`prepare` for eval.points.run_points (compile points' programs ahead of their run), or None when
   config.sweep.compile_ahead is 0."""
   if not config.sweep.get('compile_ahead', 1):
@@ -104,7 +104,7 @@ def ahead(config: ml_collections.ConfigDict, data: sweep.CacheSet, geometry: Cac
 
   def prepare(spec: MethodSpec, budget: Any) -> Callable[[], None]:
     comp, p = sweep.make_point(spec, budget, geometry, params)
-    return lambda: sweep.warm_point(comp, p, data, config.sweep.batch, options)
+    return lambda: sweep.warm_point(comp, p, data, batch, options)
   return prepare
 
 
@@ -142,19 +142,19 @@ def capture_stage(config: ml_collections.ConfigDict, model: Any, path: str,
                       dtype=c.dtype, progress=config.progress, source={'kind': config.model.source})
 
 
-def bounds_stage(config, table, data, geometry, jobs) -> list[dict]:
+def bounds_stage(config, table, data, geometry, jobs, batch: int) -> list[dict]:
   """Rank-bound rows at every budget of the sweep (appended if missing) and curves for the plot: the
   rank bound (for caches of full-precision entries only) and the Gaussian ideal-code reference."""
   curves = []
   if config.get('gaussian_reference', True):
-    c = gaussian_reference.curve(data, geometry, config.sweep.batch)
+    c = gaussian_reference.curve(data, geometry, batch)
     curves.append({'dataset': 'val', 'bound': 'gaussian_ideal_code', 'label': gaussian_reference.LABEL,
                    'setting': 'keys_free', 'applies_to': 'reference', **c})
   if not config.rank_bound.settings:
     return curves
   budgets = sorted({(str(b), Budget.parse(b, geometry).bits) for _, b in jobs if b != FULL_BUDGET},
                    key=lambda x: x[1])
-  bound = rank_bound.RankBound(data, config.sweep.batch)
+  bound = rank_bound.RankBound(data, batch)
   for row in rank_bound.rows(bound, geometry, budgets, tuple(config.rank_bound.settings)):
     if row not in table:
       table.append(row)
@@ -246,7 +246,11 @@ def run_model(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable
   done('capture')
   val = CaptureDataset(paths.capture, 'val')
   data = sweep.CacheSet.from_dataset(val, config.sweep.val_sequences)
-  distributed.references(cluster, data, config.sweep.batch,
+  batch = data.capped_batch(config.sweep.batch, int(config.sweep.get('batch_bytes', 0)))
+  if batch < config.sweep.batch:
+    logging.info('sweep: %d sequences per batch instead of sweep.batch=%d (%.0f MB each; sweep.batch_bytes=%d)',
+                 batch, config.sweep.batch, data.sequence_bytes() / 1e6, config.sweep.batch_bytes)
+  distributed.references(cluster, data, batch,
                          lambda: exact_store.for_run(paths.workdir, paths.capture, data.num_sequences))
   train = CaptureDataset(paths.capture, 'train')
   n_cal = min(config.sweep.calibration_sequences or train.num_sequences, train.num_sequences)
@@ -254,18 +258,18 @@ def run_model(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable
                   data.num_layers, data.num_heads)
   table = ResultTable(paths.frontier, sweep.COLUMNS, sweep.KEY)
   mine, my_jobs = distributed.my_points(cluster, table, jobs)   # (table, jobs) with one process
-  evaluate = lambda spec, b: sweep.evaluate_spec(spec, b, data, geometry, params, batch=config.sweep.batch,
+  evaluate = lambda spec, b: sweep.evaluate_spec(spec, b, data, geometry, params, batch=batch,
                                                  level=config.confidence,
                                                  served_sequences=config.sweep.served_sequences,
                                                  compiler_options=point_compiler_options(config),
                                                  trained_bits=params.trained_bits)
   failed = run_points(mine, my_jobs, evaluate, config.progress, 'val',
-                      ahead(config, data, geometry, params), config.sweep.get('compile_ahead', 1))
+                      ahead(config, data, geometry, params, batch), config.sweep.get('compile_ahead', 1))
   table = distributed.gather_points(cluster, table)
   if table is None:                    # a process other than the lead: the rest is the lead's
     return {'failed': failed, 'seconds': time.time() - t0, 'stages': stages}
   done('sweep')
-  curves = bounds_stage(config, table, data, geometry, jobs)
+  curves = bounds_stage(config, table, data, geometry, jobs, batch)
   done('bounds')
   closed, grids = closed_loop_stage(config, paths, model, geometry, params)
   done('closed_loop')

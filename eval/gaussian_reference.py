@@ -24,6 +24,9 @@ from compress.theory import bounds
 from eval.sweep import CacheSet
 
 LABEL = 'Gaussian ideal code (reference, not a bound)'
+# float64 bytes of one batch's attention temporaries (logits, probabilities, T x T Gram matrices): the
+# batch is lowered to fit (at d16, 680 tokens, ~1.4 GB per sequence: one sequence at a time)
+WORK_BYTES = 2 ** 30
 
 
 def _softmax_prefix(q_XSD: np.ndarray, k_XLD: np.ndarray, start: int) -> np.ndarray:
@@ -43,6 +46,8 @@ def components(data: CacheSet, batch: int = 16) -> tuple[np.ndarray, float, int]
   g = CacheGeometry(data.patch_nums, data.head_dim)
   T, D = g.prefix_tokens, data.head_dim
   N, H = data.num_layers, data.num_heads
+  per_sequence = 8 * N * H * (3 * max(g.scale_sizes) * g.num_tokens + T * T)
+  batch = max(1, min(batch, WORK_BYTES // per_sequence))
   s1, s2, count = np.zeros((N, H, D)), np.zeros((N, H, D, D)), 0
   for a, b in data.batches(batch):
     v_pre = data.numpy(a, b)['v'][:, :, :, :T].astype(np.float64)            # (N, b, H, T, D)

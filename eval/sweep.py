@@ -132,6 +132,17 @@ class CacheSet:
     n = ds.num_sequences if max_sequences <= 0 else min(max_sequences, ds.num_sequences)
     return cls(ds, image_units(ds), ds.patch_nums, n)
 
+  def sequence_bytes(self) -> int:
+    """Bytes one sequence takes in a batch: float32 q, k, v and its reference outputs."""
+    return 4 * 4 * self.num_layers * self.num_heads * self.num_tokens * self.head_dim
+
+  def capped_batch(self, batch: int, max_bytes: int) -> int:
+    """`batch`, lowered so that a batch's q, k, v and reference outputs take <= `max_bytes` (0: no cap;
+    at least 1 sequence): the sweep's and the bounds' memory follows the batch, not the split."""
+    if batch < 1:
+      raise ValueError(f'sweep.batch must be >= 1, got {batch}')
+    return int(batch) if max_bytes <= 0 else int(max(1, min(batch, max_bytes // self.sequence_bytes())))
+
   def batches(self, batch: int) -> list[tuple[int, int]]:
     b = max(1, int(batch))
     return [(i, min(i + b, self.num_sequences)) for i in range(0, self.num_sequences, b)]

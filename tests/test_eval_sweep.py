@@ -111,3 +111,19 @@ def test_a_budget_that_keeps_no_entry_is_flagged(data):
   empty = sweep.evaluate_spec(spec, '64bits', data, g, no_params, batch=6, level=0.95)
   assert empty['warning'] == sweep.ZERO_ENTRIES
   assert sweep.evaluate_spec(spec, '50%', data, g, no_params, batch=6, level=0.95)['warning'] == ''
+
+
+def test_batches_are_capped_by_bytes_and_the_gaussian_reference_does_not_depend_on_them(data, monkeypatch):
+  from eval import gaussian_reference
+  per = data.sequence_bytes()
+  assert per == 4 * 4 * 2 * 2 * sum(p * p for p in PN) * D              # q, k, v, reference in float32
+  assert data.capped_batch(32, 0) == 32 and data.capped_batch(32, 10 * per) == 10
+  assert data.capped_batch(32, 3 * per + per // 2) == 3 and data.capped_batch(32, 1) == 1   # >= 1 sequence
+  with pytest.raises(ValueError, match='sweep.batch must be >= 1'):
+    data.capped_batch(0, per)
+  whole = gaussian_reference.components(data, batch=6)
+  monkeypatch.setattr(gaussian_reference, 'WORK_BYTES', 1)            # one sequence per batch
+  one = gaussian_reference.components(data, batch=6)
+  np.testing.assert_allclose(one[0], whole[0], rtol=1e-9, atol=1e-12 * whole[0].max())
+  # the total is the energy of float32 reference outputs, computed per batch: float32 rounding
+  assert one[1] == pytest.approx(whole[1], rel=1e-6) and one[2] == whole[2]
