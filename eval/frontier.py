@@ -95,11 +95,8 @@ def point_compiler_options(config: ml_collections.ConfigDict):
 
 
 def ahead(config: ml_collections.ConfigDict, data: sweep.CacheSet, geometry: CacheGeometry,
-          params: Params, batch: int) -> Callable[[MethodSpec, Any], Callable[[], None]] | None:
-  """`prepare` for eval.points.run_points (compile points' programs ahead of their run), or None when
-  config.sweep.compile_ahead is 0."""
-  if not config.sweep.get('compile_ahead', 1):
-    return None
+          params: Params, batch: int) -> Callable[[MethodSpec, Any], Callable[[], None]]:
+  """`prepare` for eval.points.run_points: makes a point and returns its compile (runs nothing)."""
   options = point_compiler_options(config)
 
   def prepare(spec: MethodSpec, budget: Any) -> Callable[[], None]:
@@ -168,7 +165,11 @@ def bounds_stage(config, table, data, geometry, jobs, batch: int) -> list[dict]:
 
 
 def check_methods(config: ml_collections.ConfigDict) -> None:
-  """Method lists of the model mode are valid (before the model is even loaded)."""
+  """Method lists and sweep sizes of the model mode are valid (before the model is even loaded)."""
+  for key, low in (('batch', 1), ('batch_bytes', 0), ('compile_ahead', 0)):
+    value = config.sweep.get(key, low)
+    if not isinstance(value, int) or value < low:
+      raise ValueError(f'sweep.{key} must be an integer >= {low}, got {value!r}')
   specs_of(config.sweep.methods, False)
   specs_of(config.learned.methods, True)
   cl = config.closed_loop
@@ -246,7 +247,7 @@ def run_model(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable
   done('capture')
   val = CaptureDataset(paths.capture, 'val')
   data = sweep.CacheSet.from_dataset(val, config.sweep.val_sequences)
-  batch = data.capped_batch(config.sweep.batch, int(config.sweep.get('batch_bytes', 0)))
+  batch = data.capped_batch(config.sweep.batch, config.sweep.batch_bytes)
   if batch < config.sweep.batch:
     logging.info('sweep: %d sequences per batch instead of sweep.batch=%d (%.0f MB each; sweep.batch_bytes=%d)',
                  batch, config.sweep.batch, data.sequence_bytes() / 1e6, config.sweep.batch_bytes)
@@ -264,7 +265,7 @@ def run_model(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable
                                                  compiler_options=point_compiler_options(config),
                                                  trained_bits=params.trained_bits)
   failed = run_points(mine, my_jobs, evaluate, config.progress, 'val',
-                      ahead(config, data, geometry, params, batch), config.sweep.get('compile_ahead', 1))
+                      ahead(config, data, geometry, params, batch), config.sweep.compile_ahead)
   table = distributed.gather_points(cluster, table)
   if table is None:                    # a process other than the lead: the rest is the lead's
     return {'failed': failed, 'seconds': time.time() - t0, 'stages': stages}

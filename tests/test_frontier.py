@@ -151,6 +151,9 @@ def test_bad_configs_fail_before_any_work(tmp_path):
   for field, value, match in (('closed_loop.methods', ('oracle',), 'oracle'),
                               ('sweep.methods', ('window(size=2)',), 'no setting'),
                               ('learned.methods', ('window',), 'sweep.methods'),
+                              ('sweep.batch', 0, r'sweep.batch must be an integer >= 1'),
+                              ('sweep.compile_ahead', -1, r'sweep.compile_ahead must be an integer >= 0'),
+                              ('sweep.batch_bytes', -5, r'sweep.batch_bytes must be an integer >= 0'),
                               ('sweep.budgets', ('lots',), 'budget')):        # (this one loads the model)
     c = tiny_model_config()
     section, name = field.split('.')
