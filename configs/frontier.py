@@ -1,11 +1,11 @@
-r"""The memory-error frontier of KV-cache compressors (eval/frontier.py), in one command.
+r"""The memory-error frontier of KV-cache compressors (eval/frontier/job.py), in one command.
 
 Run (from the repository root):
   python -m eval.frontier --config configs/frontier.py:tiny --workdir /tmp/frontier_tiny   # ~2 min, CPU
   python -m eval.frontier --config configs/default.py --workdir runs/frontier     # the main job, <= 10 min
   python -m eval.frontier --config configs/frontier.py:hard --workdir runs/frontier_hard
   python -m eval.frontier --config configs/frontier.py:full --workdir runs/frontier_full
-  python -m eval.launch --processes 4 -- --config configs/frontier.py:d16 --workdir runs/d16   # 4 processes
+  python -m eval.frontier.launch --processes 4 -- --config configs/frontier.py:d16 --workdir runs/d16   # 4 processes
 then: tensorboard --logdir <workdir>/tb
 
 Variants:
@@ -20,7 +20,7 @@ Variants:
   full     every registered compressor (learned ones trained longer) at 6 budgets on more sequences.
   d16      official scale: the 10-scale 256px schedule at d16 (16 layers x 16 heads, 680 tokens), 8
            held-out images (+4 for calibration), float16 capture, 8 heuristics x 6 budgets, no training
-           or closed loop by default; fits a 2-core, 24 GiB machine (eval/bench_frontier.py measures
+           or closed loop by default; fits a 2-core, 24 GiB machine (eval/bench/frontier.py measures
            it). Random weights unless --config.model.source=official --config.model.var_ckpt=...
            --config.model.vae_ckpt=... . d30 (30 layers x 30 heads, same schedule): ~3.5x the cache
            per sequence; lower sweep.batch to 2 on 24 GiB.
@@ -77,7 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # models; 0: no cap): the sweep's and the bounds' memory follows the batch
       'batch_bytes': 2 ** 30,
       # points whose programs are compiled on background threads while the current point runs
-      # (eval/points.py; 0: none): same results, less sweep time where points are compile-bound
+      # (eval/engine/points.py; 0: none): same results, less sweep time where points are compile-bound
       'compile_ahead': 1,
       # training sequences given to calibrated compressors (pca, ...); 0: the whole training split,
       # the same sequences the learned compressors train on
@@ -117,8 +117,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'seeds': (0, 1, 2), 'value_dist': 'gaussian', 'xi': 0.01, 'kv_dtype': 'float16',
       'methods': ('all',),         # 'all' = every registered non-learned compressor
       'budgets': ('5%', '10%', '25%', '50%')})
-  # several processes (hosts of a TPU slice, GPUs, or python -m eval.launch --processes N on one
-  # machine) sharing the workdir: each captures its shards and evaluates its points (eval/distributed.py);
+  # several processes (hosts of a TPU slice, GPUs, or python -m eval.frontier.launch --processes N on one
+  # machine) sharing the workdir: each captures its shards and evaluates its points (eval/frontier/distributed.py);
   # empty coordinator / 0 processes / -1 id: what jax.distributed detects on the cluster
   c.distributed = ml_collections.ConfigDict({'enabled': False, 'coordinator': '', 'num_processes': 0,
                                              'process_id': -1, 'barrier_timeout_s': 7 * 24 * 3600})

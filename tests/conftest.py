@@ -4,7 +4,7 @@ The suite is compile-bound: hundreds of small programs, most run once or twice o
 backend options (what `compress.core.teacher_forced.fast_compile_options` gives the sweep) lower
 XLA's CPU backend optimisation level and skip LLVM's expensive passes: the same HLO graph, compiled
 faster, with outputs equal up to float rounding, so every tolerance stays what it is. They reach the
-subprocesses the tests start (CLI runs, `eval.launch`) through the environment. XLA's defaults (what a
+subprocesses the tests start (CLI runs, `eval.frontier.launch`) through the environment. XLA's defaults (what a
 user runs) are kept when XLA_FLAGS already sets either option, or with VAR_TESTS_XLA_DEFAULTS=1.
 """
 import os

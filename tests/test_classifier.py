@@ -1,8 +1,8 @@
-"""The shipped built-in classifier (eval/assets/classifier_32px.npz) and the closed loop's use of it."""
+"""The shipped built-in classifier (eval/quality/assets/classifier_32px.npz) and the closed loop's use of it."""
 import numpy as np
 import pytest
 
-from eval import classifier, closed_loop
+from eval.quality import classifier, closed_loop
 from var_jax.data import builtin_dataset
 
 
@@ -29,5 +29,5 @@ def test_class_hits_follow_labels_per_seed():
 
 
 def test_missing_classifier_says_how_to_export(tmp_path):
-  with pytest.raises(FileNotFoundError, match='python -m eval.classifier'):
+  with pytest.raises(FileNotFoundError, match='python -m eval.quality.classifier'):
     classifier.load(str(tmp_path / 'none.npz'))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import var_jax
-from eval import classifier, samples
+from eval.quality import classifier, samples
 from var_jax import default_model
 from var_jax.data import CLASS_NAMES, builtin_dataset
 

@@ -18,7 +18,7 @@ import compress
 from compress.core import synthetic
 from compress.core.budget import CacheGeometry
 from compress.core.teacher_forced import fast_compile_options
-from eval import sweep
+from eval.engine import sweep
 
 PN = (1, 2, 3)
 D = 8
@@ -116,7 +116,8 @@ def test_random_official_architecture_and_bench_figures(tmp_path):
   """model.source='random' builds the official architecture of model.size with random weights; the
   benchmark's compile log counts backend compiles and its disk figure sums the files."""
   import ml_collections
-  from eval import bench_frontier, frontier
+  from eval.bench import frontier as bench_frontier
+  from eval.frontier import job as frontier
   model = frontier.load_model(ml_collections.ConfigDict({'source': 'random', 'size': 'd2-tiny',
                                                          'patch_nums': ()}))
   from var_jax.config import SIZES
@@ -163,7 +164,7 @@ def test_layer_loop_and_stored_reference_change_nothing(name, monkeypatch):
 
 
 def test_exact_store_computes_once_and_drops_another_captures_files(tmp_path):
-  from eval.exact_store import ExactStore
+  from eval.engine.exact_store import ExactStore
   calls = []
   compute = lambda: calls.append(1) or np.arange(6.0).reshape(1, 2, 3)
   store = ExactStore(str(tmp_path / 'exact'), {'capture': 'a', 'sequences': 2})
@@ -183,7 +184,7 @@ def test_exact_store_computes_once_and_drops_another_captures_files(tmp_path):
 
 
 def test_sweep_with_exact_store_equals_sweep_without(tmp_path):
-  from eval.exact_store import ExactStore
+  from eval.engine.exact_store import ExactStore
   g = CacheGeometry((1, 2, 3, 4), D)
   q, k, v = synthetic.var_like_qkv(jax.random.key(5), g.patch_nums, layers=2, batch=4, heads=2, head_dim=D)
   data = sweep.CacheSet({'q': np.asarray(q), 'k': np.asarray(k), 'v': np.asarray(v)},

@@ -1,36 +1,38 @@
-"""eval/metrics.py, eval/pareto.py, eval/results.py against closed forms and brute force."""
+"""eval/engine/stats.py, eval/quality/metrics.py, eval/report/pareto.py, eval/engine/results.py against closed forms and brute force."""
 import itertools
 import os
 
 import numpy as np
 import pytest
 
-from eval import metrics, pareto
-from eval.results import ResultTable, fmt
+from eval.engine import stats
+from eval.quality import metrics
+from eval.report import pareto
+from eval.engine.results import ResultTable, fmt
 
 T_975_4 = 2.7764451051977987       # Student t, 4 degrees of freedom, two-sided 95% (tables)
 
 
 def test_mean_ci_is_the_t_interval():
-  m, lo, hi = metrics.mean_ci([1, 2, 3, 4, 5])
+  m, lo, hi = stats.mean_ci([1, 2, 3, 4, 5])
   half = T_975_4 * np.sqrt(2.5) / np.sqrt(5)           # s^2 = 2.5
   assert m == 3 and lo == pytest.approx(3 - half, rel=1e-9) and hi == pytest.approx(3 + half, rel=1e-9)
-  assert metrics.mean_ci([0.7]) == (0.7, 0.7, 0.7)
+  assert stats.mean_ci([0.7]) == (0.7, 0.7, 0.7)
   with pytest.raises(ValueError, match='level'):
-    metrics.mean_ci([1, 2], level=1.5)
+    stats.mean_ci([1, 2], level=1.5)
 
 
 def test_ratio_ci_reduces_to_the_t_interval_for_equal_norms():
   rng = np.random.default_rng(0)
   d2 = rng.uniform(0.1, 2.0, 9)
   e2 = np.full(9, 4.0)
-  r, lo, hi = metrics.ratio_ci(d2, e2)
-  m, mlo, mhi = metrics.mean_ci(d2 / 4.0)
+  r, lo, hi = stats.ratio_ci(d2, e2)
+  m, mlo, mhi = stats.mean_ci(d2 / 4.0)
   assert r == pytest.approx(np.sqrt(m)) and lo == pytest.approx(np.sqrt(mlo)) and hi == pytest.approx(np.sqrt(mhi))
   # the pooled ratio, not the mean of per-unit ratios
-  r, _, _ = metrics.ratio_ci([1.0, 0.0], [1.0, 3.0])
+  r, _, _ = stats.ratio_ci([1.0, 0.0], [1.0, 3.0])
   assert r == pytest.approx(0.5)
-  assert metrics.ratio_ci(np.zeros(4), np.ones(4)) == (0.0, 0.0, 0.0)
+  assert stats.ratio_ci(np.zeros(4), np.ones(4)) == (0.0, 0.0, 0.0)
 
 
 def test_psnr_and_kl_closed_forms():

@@ -1,4 +1,4 @@
-"""Teacher-forced sweep points and the rank bound on synthetic caches (eval/sweep.py, eval/rank_bound.py)."""
+"""Teacher-forced sweep points and the rank bound on synthetic caches (eval/engine/sweep.py, eval/bounds/rank_bound.py)."""
 import jax
 import numpy as np
 import pytest
@@ -6,7 +6,8 @@ import pytest
 import compress
 from compress.core.budget import CacheGeometry
 from compress.core.synthetic import var_like_qkv
-from eval import rank_bound, sweep
+from eval.bounds import rank_bound
+from eval.engine import sweep
 
 PN = (1, 2, 3, 4)
 D = 16
@@ -114,7 +115,7 @@ def test_a_budget_that_keeps_no_entry_is_flagged(data):
 
 
 def test_batches_are_capped_by_bytes_and_the_gaussian_reference_does_not_depend_on_them(data, monkeypatch):
-  from eval import gaussian_reference
+  from eval.bounds import gaussian_reference
   per = data.sequence_bytes()
   assert per == 4 * 4 * 2 * 2 * sum(p * p for p in PN) * D              # q, k, v, reference in float32
   assert data.capped_batch(32, 0) == 32 and data.capped_batch(32, 10 * per) == 10

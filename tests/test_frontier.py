@@ -1,4 +1,4 @@
-"""eval/frontier.py end to end: the hard-instance frontier, the model pipeline on the in-repo tiny
+"""eval/frontier/job.py end to end: the hard-instance frontier, the model pipeline on the in-repo tiny
 official fixture (capture, sweep, bounds, Pareto, closed loop, TensorBoard), resume, refusal, and the
 TensorBoard HTTP API serving what the CSVs hold."""
 import csv
@@ -17,7 +17,11 @@ import pytest
 
 from compress.core.budget import Budget, CacheGeometry
 from configs import frontier as frontier_config
-from eval import closed_loop, compare, frontier, hard, sweep, tb
+from eval.quality import closed_loop, compare
+from eval.frontier import job as frontier
+from eval.bounds import hard
+from eval.engine import sweep
+from eval.report import tb
 
 FIX = pathlib.Path(__file__).parent / 'data' / 'var_official_tiny'
 REQUIRED = ('method', 'setting', 'budget', 'bits', 'bits_per_coordinate', 'fraction_of_fp16', 'rel_error')
@@ -167,7 +171,7 @@ def test_learned_train_budget_shares_budget_free_scorers(tmp_path):
   """learned.train_budget: scorers (budget_free_params) train once there and serve every budget;
   compressors whose parameters depend on the budget (low-rank bases) still train at their own."""
   import compress
-  from eval.params import Params
+  from eval.engine.params import Params
   c = frontier_config.get_config('default')
   g = CacheGeometry((1, 2, 3, 4), 64)
   params = Params(c, str(tmp_path), str(tmp_path), None, 2, 2)
@@ -248,7 +252,7 @@ def test_model_frontier_outputs(model_run):
 
 @pytest.mark.slow
 def test_paired_compare_reproduces_the_sweep(model_run):
-  """eval.compare re-runs the learned method (its trained params) and a heuristic on the same images:
+  """eval.quality.compare re-runs the learned method (its trained params) and a heuristic on the same images:
   the same errors and bits as frontier.csv, ratio = their quotient inside its paired interval."""
   rows = {r['method']: r for r in read_csv(os.path.join(model_run, 'frontier.csv'))}
   (row,) = compare.compare(model_run, 'lowrank_learned', 'pca', ['25%'])
@@ -314,7 +318,7 @@ def _read_tb(logdir):
 def _tb_tables():
   """Small frontier tables: 2 datasets' worth of kinds of rows (methods, oracle, bound rows), bounds
   restricted to some families and a reference, one closed-loop point."""
-  from eval import pareto
+  from eval.report import pareto
   def row(method, family, budget, bpc, err, deployable=True, setting='default', amortised=None):
     bits = int(bpc * 100)
     return {'dataset': 'val', 'method': method, 'family': family, 'setting': setting, 'budget': budget,
@@ -451,8 +455,8 @@ def test_tensorboard_serves_the_frontier(model_run, load_fast):
 
 # ---------------------------------------------------------------------------- several processes
 def test_assign_gives_every_point_to_one_process_and_learned_methods_whole(tmp_path):
-  from eval import distributed
-  from eval.results import ResultTable
+  from eval.frontier import distributed
+  from eval.engine.results import ResultTable
   jobs = [(sweep.MethodSpec.parse(m), b) for m in ('window', 'kivi', 'merge_learned', 'composed_learned')
           for b in ('5%', '10%', '25%')]
   for count in (1, 2, 3):
@@ -478,7 +482,7 @@ def test_assign_gives_every_point_to_one_process_and_learned_methods_whole(tmp_p
 
 @pytest.mark.slow
 def test_two_processes_reproduce_the_one_process_run(model_run, tmp_path):
-  """python -m eval.launch --processes 2 (jax.distributed on localhost, one shared workdir) on the
+  """python -m eval.frontier.launch --processes 2 (jax.distributed on localhost, one shared workdir) on the
   same config as `model_run`: the capture, split between the processes, is byte-identical to the
   one-process capture, and the merged frontier.csv and closed_loop.csv hold the same points and errors."""
   workdir = str(tmp_path / 'run')
@@ -494,7 +498,7 @@ def test_two_processes_reproduce_the_one_process_run(model_run, tmp_path):
            "--config.closed_loop.methods=('window',)", "--config.closed_loop.budgets=('25%',)",
            '--config.closed_loop.labels=(1,2)', '--config.closed_loop.seeds=(0,)', '--config.progress=False']
   repo = pathlib.Path(__file__).parent.parent
-  r = subprocess.run([sys.executable, '-m', 'eval.launch', '--processes', '2', '--', *flags], cwd=repo,
+  r = subprocess.run([sys.executable, '-m', 'eval.frontier.launch', '--processes', '2', '--', *flags], cwd=repo,
                      capture_output=True, text=True, timeout=900)
   log1 = (tmp_path / 'run' / 'parts' / 'process1.log')
   assert r.returncode == 0, r.stderr[-3000:] + (log1.read_text()[-3000:] if log1.exists() else '')

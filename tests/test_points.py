@@ -1,4 +1,4 @@
-"""Sweep points with their programs compiled a point ahead (eval/points.py): same rows as the plain
+"""Sweep points with their programs compiled a point ahead (eval/engine/points.py): same rows as the plain
 loop, in job order, and the points' own evaluations compile none of their programs."""
 import os
 import threading
@@ -9,9 +9,9 @@ import numpy as np
 
 from compress.core.budget import CacheGeometry
 from compress.core.synthetic import var_like_qkv
-from eval import exact_store, sweep
-from eval.points import run_points
-from eval.results import ResultTable
+from eval.engine import exact_store, sweep
+from eval.engine.points import run_points
+from eval.engine.results import ResultTable
 
 PN = (1, 2, 3, 4)
 D = 16

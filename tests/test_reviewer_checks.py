@@ -7,7 +7,10 @@ import pytest
 from compress.core.budget import CacheGeometry
 from compress.core.synthetic import var_like_qkv
 from compress.theory import bounds
-from eval import gaussian_reference, metrics, pareto, plots, rank_bound, sweep
+from eval.bounds import gaussian_reference, rank_bound
+from eval.engine import stats
+from eval.report import pareto, plots
+from eval.engine import sweep
 
 PN = (1, 2, 3, 4)
 D = 8
@@ -99,10 +102,10 @@ def test_rank_bound_drawn_only_against_entry_caches():
 
 def test_bootstrap_interval_stays_in_range():
   ssim = np.array([0.999, 1.0, 0.95, 1.0])                # the t-interval of these exceeds 1
-  assert metrics.mean_ci(ssim)[2] > 1
-  m, lo, hi = metrics.bootstrap_mean_ci(ssim)
+  assert stats.mean_ci(ssim)[2] > 1
+  m, lo, hi = stats.bootstrap_mean_ci(ssim)
   assert lo <= m <= hi <= 1.0 and lo >= 0.95
   psnr = np.array([20.0, 49.0, 21.0, 22.0])
-  m, lo, hi = metrics.bootstrap_mean_ci(psnr)
+  m, lo, hi = stats.bootstrap_mean_ci(psnr)
   assert 20.0 <= lo <= m <= hi <= 49.0
-  assert metrics.bootstrap_mean_ci([3.0]) == (3.0, 3.0, 3.0)
+  assert stats.bootstrap_mean_ci([3.0]) == (3.0, 3.0, 3.0)

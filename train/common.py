@@ -55,7 +55,7 @@ def quiet_orbax() -> None:
 # ----------------------------------------------------------------------------- mesh
 def make_mesh() -> Mesh:
   """1-D mesh over this process's devices with axis 'data' (batch split, state replicated). In a run
-  split over processes (eval/distributed.py) each process trains its own compressors on its own
+  split over processes (eval/frontier/distributed.py) each process trains its own compressors on its own
   devices; one training run is not spread over processes."""
   return Mesh(np.asarray(jax.local_devices()), ('data',))
 

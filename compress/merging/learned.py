@@ -33,7 +33,7 @@ log-masses are the same formulas over these soft member weights, rounded as stor
 As tau, temperature -> 0 the member weights become the hard path's and so do the outputs.
 
 On the default model's caches (100 AdamW steps, lr 3e-3) it ends 12-13 % below CaM and 33-39 % below
-ToMe at 10 / 25 / 50 % of the fp16 cache (README, `eval.compare`).
+ToMe at 10 / 25 / 50 % of the fp16 cache (README, `eval.quality.compare`).
 """
 from __future__ import annotations
 

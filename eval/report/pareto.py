@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from eval.results import as_float
+from eval.engine.results import as_float
 
 COLUMNS = ('frontier', 'dataset', 'method', 'family', 'setting', 'budget', 'bits', 'bits_per_coordinate',
            'fraction_of_fp16', 'shared_bits', 'amortised_bits', 'amortised_bits_per_coordinate', 'rel_error',

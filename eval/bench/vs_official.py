@@ -3,7 +3,7 @@ r"""Sampling speed of `var_jax` beside the official PyTorch VAR, same random wei
 The official code is not part of this repository: clone it yourself (FoundationVision/VAR, commit
 78b9539), install torch and huggingface_hub (its models import it), then
 
-    python -m eval.bench_vs_official --official_repo /path/to/VAR --depth 16 --batch 1 --runs 3 --threads 2
+    python -m eval.bench.vs_official --official_repo /path/to/VAR --depth 16 --batch 1 --runs 3 --threads 2
 
 It builds the official d<depth> VAR and VQ-VAE with their own initialisation (seeded), saves both state
 dicts as .pth into --workdir, loads those files into var_jax (`var_jax.convert`, so both sides hold the

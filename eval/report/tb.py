@@ -1,7 +1,7 @@
 r"""TensorBoard view of a frontier run (tensorboardX), re-created from the result tables.
 
   tensorboard --logdir WORKDIR/tb        then open http://localhost:6006/?smoothing=0#timeseries
-  python -m eval.tb WORKDIR [--force]    rebuilds WORKDIR/tb from the tables (e.g. a run of an older layout)
+  python -m eval.report.tb WORKDIR [--force]    rebuilds WORKDIR/tb from the tables (e.g. a run of an older layout)
 
 The first screen (Time Series) is the frontier: every method's error against memory on one chart. A run
 is a curve (one colour on every chart); a tag is a chart overlaying every run that holds it. Guide with
@@ -40,6 +40,7 @@ appended to; tb/.digest is written last.
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import csv
 import hashlib
@@ -56,8 +57,8 @@ from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
 from tensorboardX.proto.tensor_pb2 import TensorProto
 from tensorboardX.proto.types_pb2 import DT_FLOAT
 
-from eval import pareto as pareto_lib
-from eval.results import as_float, Paths, x_of
+from eval.report import pareto as pareto_lib
+from eval.engine.results import as_float, Paths, x_of
 
 DIGEST = '.digest'
 LAYOUT = 2                     # part of the digest: a new layout rebuilds every run's tb/ once
@@ -317,11 +318,16 @@ def rebuild(workdir: str, force: bool = False) -> bool:
 
 
 def main(argv: Sequence[str]) -> None:
-  args = [a for a in argv if a != '--force']
-  if len(args) != 1:
-    raise SystemExit('usage: python -m eval.tb WORKDIR [--force]   (rebuilds WORKDIR/tb from the tables)')
-  tb_dir = os.path.join(args[0], 'tb')
-  done = rebuild(args[0], force='--force' in argv)
+  ap = argparse.ArgumentParser(prog='python -m eval.report.tb',
+                               description='Rebuilds WORKDIR/tb (and tb_hparams) from a frontier run\'s tables.')
+  ap.add_argument('workdir', help='a finished eval.frontier run directory')
+  ap.add_argument('--force', action='store_true', help='rebuild even when the logs are up to date')
+  args = ap.parse_args(argv)
+  tb_dir = os.path.join(args.workdir, 'tb')
+  try:
+    done = rebuild(args.workdir, force=args.force)
+  except FileNotFoundError as e:
+    raise SystemExit(f'error: {e}') from None
   print(f'{"rebuilt" if done else "up to date:"} {tb_dir}\nTensorBoard: tensorboard --logdir {tb_dir}  '
         '(open http://localhost:6006/?smoothing=0#timeseries)')
 

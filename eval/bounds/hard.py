@@ -19,8 +19,8 @@ import numpy as np
 import compress
 from compress.theory import bounds
 from compress.theory.hard_instance import HardInstance, make_instance, redraw
-from eval.metrics import mean_ci
-from eval.sweep import bits_columns, FULL_BUDGET, MethodSpec
+from eval.engine.stats import mean_ci
+from eval.engine.sweep import bits_columns, FULL_BUDGET, MethodSpec
 
 COLUMNS = ('instance', 'patch_nums', 'T', 'probes', 'd', 'beta', 'mu', 'leak', 'cond', 'values', 'seeds',
            'seeds_below_bound')

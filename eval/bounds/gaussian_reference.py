@@ -21,7 +21,7 @@ import numpy as np
 
 from compress.core.budget import CacheGeometry
 from compress.theory import bounds
-from eval.sweep import CacheSet
+from eval.engine.sweep import CacheSet
 
 LABEL = 'Gaussian ideal code (reference, not a bound)'
 # float64 bytes of one batch's attention temporaries (logits, probabilities, T x T Gram matrices): the

@@ -1,7 +1,7 @@
 """Screenshot of TensorBoard's first screen for a logdir (headless Chromium; a script, not a test).
 
-  python -m eval.tb runs/frontier        # (re)build runs/frontier/tb from the tables if needed
-  python -m eval.tb_screenshot runs/frontier/tb docs/tensorboard.png
+  python -m eval.report.tb runs/frontier        # (re)build runs/frontier/tb from the tables if needed
+  python -m eval.report.tb_screenshot runs/frontier/tb docs/tensorboard.png
 
 Starts TensorBoard on 127.0.0.1 (a free port), waits until it serves the logdir's scalars, loads
 --page (default `/?smoothing=0&runColorGroup=regex:^([^/]+)#timeseries`: no smoothing, one colour per
@@ -125,7 +125,7 @@ def shrink(path: str, colours: int = 128) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-  ap = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
+  ap = argparse.ArgumentParser(prog='python -m eval.report.tb_screenshot', description=__doc__.split('\n', 1)[0])
   ap.add_argument('logdir')
   ap.add_argument('out', help='PNG to write')
   ap.add_argument('--page', default='timeseries', help=f'one of {sorted(PAGES)} or /path?query#fragment')
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
   if not browser:
     raise SystemExit('no Chromium found: apt-get update && apt-get install -y chromium (or --browser)')
   if not os.path.isdir(args.logdir):
-    raise SystemExit(f'{args.logdir} is not a directory (build it: python -m eval.tb WORKDIR)')
+    raise SystemExit(f'{args.logdir} is not a directory (build it: python -m eval.report.tb WORKDIR)')
   width, height = (int(v) for v in args.window.split(','))
   port = free_port()
   base = f'http://127.0.0.1:{port}'

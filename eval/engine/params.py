@@ -16,7 +16,7 @@ import ml_collections
 from absl import logging
 
 from compress.core.interface import Compressor
-from eval.sweep import MethodSpec
+from eval.engine.sweep import MethodSpec
 
 
 def run_name(spec: MethodSpec, comp: Compressor) -> str:

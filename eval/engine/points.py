@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 from absl import logging
 
-from eval.results import ResultTable
+from eval.engine.results import ResultTable
 
 Job = tuple[Any, Any]           # (MethodSpec, budget label)
 

@@ -5,8 +5,8 @@ apart from the VAR's training and evaluation images) and scored on held-out real
 model samples `per_class` images of every class and the classifier's accuracy on them is reported,
 beside a PNG grid (one row per class).
 
-    python -m eval.samples --out runs/samples                 # the built-in default model
-    python -m eval.samples --out runs/samples --per_class 16 --cfg 4.0
+    python -m eval.quality.samples --out runs/samples                 # the built-in default model
+    python -m eval.quality.samples --out runs/samples --per_class 16 --cfg 4.0
 
 Prints (and writes to OUT/samples.json) the classifier's held-out accuracy on real images, on their
 VQ-VAE reconstructions (the ceiling any sampler over this tokenizer can reach) and on the samples,
@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from eval.classifier import predict, train_classifier
+from eval.quality.classifier import predict, train_classifier
 from var_jax.data import CLASS_NAMES, builtin_dataset
 
 RECON_SEED = 4242           # held-out real images whose VQ-VAE reconstructions bound the sample accuracy

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from compress.core.budget import CacheGeometry
-from eval.sweep import bits_columns, CacheSet
+from eval.engine.sweep import bits_columns, CacheSet
 
 ENTRY_FAMILIES = ('reference', 'eviction', 'merging', 'matching', 'window')   # what it bounds
 SETTINGS = {'values': 1, 'kv_entries': 2}     # vectors per entry: m = bits // (k * D * kv_bits)

@@ -1,7 +1,7 @@
 r"""Paired comparison of two methods of a frontier run on the same held-out images.
 
 Run (after `python -m eval.frontier ... --workdir runs/frontier`):
-  python -m eval.compare --workdir runs/frontier --a merge_learned --b cam --budgets 10%,25%,50%
+  python -m eval.quality.compare --workdir runs/frontier --a merge_learned --b cam --budgets 10%,25%,50%
 
 For every budget both methods run teacher forced on the run's validation caches (learned methods with
 the parameters the frontier trained, from WORKDIR/train/); per image the squared errors are summed,
@@ -22,8 +22,8 @@ import numpy as np
 
 import compress
 from compress.core.budget import CacheGeometry
-from eval import exact_store, sweep
-from eval import params as params_lib
+from eval.engine import exact_store, sweep
+from eval.engine import params as params_lib
 
 COLUMNS = ('a', 'b', 'budget', 'bits_a', 'bits_b', 'amortised_bits_a', 'amortised_bits_b', 'rel_error_a',
            'rel_error_b', 'ratio', 'ratio_ci_low',

@@ -6,7 +6,7 @@ compounds), KL(full || compressed) of the guided next-token distributions per sc
 sampler draws from, (1 + t) cond - t uncond; in closed loop, so after the first divergence it compares
 different prefixes), PSNR (capped at 100 dB for identical images) and SSIM of the decoded images
 (percentile-bootstrap intervals over images: they stay inside each metric's range), the share of images
-the built-in classifier (eval/classifier.py) puts in their class (beside the full cache's), and
+the built-in classifier (eval/quality/classifier.py) puts in their class (beside the full cache's), and
 the cache memory measured on the final policy state (= its peak: nothing is absorbed after the last
 scale): bytes allocated by its buffers and bytes counted by `Compressor.bits`.
 """
@@ -22,7 +22,8 @@ import numpy as np
 from compress.core.accounting import tree_bytes
 from compress.core.interface import Compressor
 from compress.core.policy import CompressorPolicy
-from eval.metrics import bootstrap_mean_ci, kl_logits, psnr, ssim
+from eval.engine.stats import bootstrap_mean_ci
+from eval.quality.metrics import kl_logits, psnr, ssim
 from var_jax import sampling
 
 PSNR_CAP = 100.0
@@ -71,18 +72,18 @@ def compare(ref: dict[str, Any], got: dict[str, Any], level: float) -> dict[str,
 
 @functools.lru_cache(maxsize=1)
 def _classifier() -> Any:
-  from eval import classifier  # pylint: disable=g-import-not-at-top
+  from eval.quality import classifier  # pylint: disable=g-import-not-at-top
   return classifier.load()
 
 
 def class_hits(images_NHWC: np.ndarray, labels: Sequence[int], seeds: Sequence[int]) -> np.ndarray | None:
-  """(n,) 1.0 where the built-in classifier (eval/classifier.py) names an image's class, else 0.0;
+  """(n,) 1.0 where the built-in classifier (eval/quality/classifier.py) names an image's class, else 0.0;
   None when the images are not of its size or the labels not its classes (another model)."""
   model, meta = _classifier()
   want = np.tile(np.asarray(labels), len(seeds))          # images are seed-major: labels per seed
   if images_NHWC.shape[1] != meta['image_size'] or want.max() >= meta['num_classes']:
     return None
-  from eval import classifier  # pylint: disable=g-import-not-at-top
+  from eval.quality import classifier  # pylint: disable=g-import-not-at-top
   return (classifier.predict(model, images_NHWC * 2 - 1) == want).astype(np.float64)
 
 

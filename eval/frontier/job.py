@@ -14,13 +14,13 @@ Stages (model mode; each resumes from what the workdir holds, nothing earlier is
                row per point appended when done (a re-run skips the rows already there).
  5. bounds     the rank (Eckart-Young) bound on the same caches -> rows 'rank_bound', bounds.csv
                (drawn only against caches of full-precision entries), and the Gaussian ideal-code
-               reference (eval/gaussian_reference.py; not a bound).
+               reference (eval/bounds/gaussian_reference.py; not a bound).
  6. frontier   pareto.csv (lower envelope, all deployable methods and per family), frontier.png.
  7. closed loop generation with compressors vs the full cache -> closed_loop.csv, samples_*.png.
- 8. TensorBoard WORKDIR/tb (eval/tb.py, docs/tensorboard.md: one chart of every method's error against
+ 8. TensorBoard WORKDIR/tb (eval/report/tb.py, docs/tensorboard.md: one chart of every method's error against
                amortised bits per coordinate (step = x 1000), the bounds where they hold, closed loop,
                per-family charts, the figure and image grids; hparams apart in WORKDIR/tb_hparams).
-Mode 'hard' (configs/frontier.py:hard) runs stages 4-6 and 8 on the hard instances instead (eval/hard.py).
+Mode 'hard' (configs/frontier.py:hard) runs stages 4-6 and 8 on the hard instances instead (eval/bounds/hard.py).
 """
 from __future__ import annotations
 
@@ -36,11 +36,15 @@ from absl import logging
 
 import compress
 from compress.core.budget import Budget, CacheGeometry
-from eval import closed_loop, distributed, exact_store, gaussian_reference, hard, pareto, plots, rank_bound, sweep, tb
-from eval.points import run_points
-from eval.params import Params
-from eval.results import Paths, ResultTable, write_table
-from eval.sweep import FULL_BUDGET, MethodSpec
+from eval.quality import closed_loop
+from eval.frontier import distributed
+from eval.engine import exact_store, sweep
+from eval.bounds import gaussian_reference, hard, rank_bound
+from eval.report import pareto, plots, tb
+from eval.engine.points import run_points
+from eval.engine.params import Params
+from eval.engine.results import Paths, ResultTable, write_table
+from eval.engine.sweep import FULL_BUDGET, MethodSpec
 
 ALL = 'all'          # in a methods list: every registered compressor of that kind
 # Config keys that may change between runs in one workdir: they only add (or drop) points, each of
@@ -96,7 +100,7 @@ def point_compiler_options(config: ml_collections.ConfigDict):
 
 def ahead(config: ml_collections.ConfigDict, data: sweep.CacheSet, geometry: CacheGeometry,
           params: Params, batch: int) -> Callable[[MethodSpec, Any], Callable[[], None]]:
-  """`prepare` for eval.points.run_points: makes a point and returns its compile (runs nothing)."""
+  """`prepare` for eval.engine.points.run_points: makes a point and returns its compile (runs nothing)."""
   options = point_compiler_options(config)
 
   def prepare(spec: MethodSpec, budget: Any) -> Callable[[], None]:
@@ -234,7 +238,7 @@ def run_model(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable
   cluster.barrier('prepared')
   stages, mark = {}, [time.time()]
 
-  def done(stage: str) -> None:       # wall seconds per stage (the log and eval/bench_frontier.py)
+  def done(stage: str) -> None:       # wall seconds per stage (the log and eval/bench/frontier.py)
     now = time.time()
     stages[stage] = now - mark[0]
     mark[0] = now
@@ -356,28 +360,3 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     return run_hard(config, paths, prepare)
   return run_model(config, paths, prepare, on_stage, distributed.init(config))
 
-
-def main(argv: Sequence[str]) -> None:
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  F = flags.FLAGS
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {list(argv[1:])}')
-  try:
-    result = run(F.config, F.workdir)
-  except (ValueError, FileNotFoundError) as e:
-    raise SystemExit(f'error: {e}') from None
-  p = Paths(F.workdir)
-  print(f'\nfrontier done in {result["seconds"]:.0f} s: {p.frontier} (one row per point), {p.pareto}, '
-        f'{p.bounds}, {p.png}' + (f', {p.closed}, samples_*.png' if os.path.exists(p.closed) else '')
-        + f'\nTensorBoard: tensorboard --logdir {p.tb}   (then open http://localhost:6006/?smoothing=0#timeseries)')
-  if result['failed']:
-    raise SystemExit('FAILED points (re-run the same command to retry them):\n  ' + '\n  '.join(result['failed']))
-
-
-if __name__ == '__main__':
-  from absl import app, flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file('config', 'configs/default.py', 'frontier config (configs/frontier.py:<variant>)')
-  flags.DEFINE_string('workdir', None, 'run directory (created; a re-run resumes it)')
-  flags.mark_flags_as_required(['workdir'])
-  app.run(main)

@@ -24,13 +24,13 @@ from absl import logging
 
 import compress
 from compress.core.budget import CacheGeometry
-from eval.metrics import ratio_ci
+from eval.engine.stats import ratio_ci
 
 # Columns of frontier.csv. bits: max over (layer, sequence, head) of the peak bits one head's cache
 # held between scales; bits_mean: their mean; shared_bits: parameters shared by every sequence
 # (projections, scorers), not in the per-head budget; amortised_bits: bits + shared_bits spread over
 # every (served sequence, layer, head) (`served_sequences`: the x of the Pareto frontier, the plot,
-# TensorBoard and eval.compare); rel_error: sqrt(sum |out - exact|^2 / sum |exact|^2) over every
+# TensorBoard and eval.quality.compare); rel_error: sqrt(sum |out - exact|^2 / sum |exact|^2) over every
 # output; lower_bound_bits / min_error_at_bits: rate-distortion bound (hard instance only);
 # trained_bits: the budget a learned compressor's parameters were trained at (0: none trained);
 # reference: what the errors are relative to (float32 attention over the captured q, k, v, at the
@@ -122,7 +122,7 @@ class CacheSet:
     self.num_sequences = int(n if num_sequences is None else min(num_sequences, n))
     self.units = np.asarray(units)[:self.num_sequences]
     self.patch_nums = tuple(int(p) for p in patch_nums)
-    self.exact_store = None    # an eval.exact_store.ExactStore: reference outputs computed once per run
+    self.exact_store = None    # an eval.engine.exact_store.ExactStore: reference outputs computed once per run
     if self.units.shape != (self.num_sequences,):
       raise ValueError(f'units must be (n,) = ({self.num_sequences},), got {self.units.shape}')
 
@@ -203,7 +203,7 @@ def run_point(comp: compress.Compressor, params: Any, data: CacheSet, batch: int
 def warm_point(comp: compress.Compressor, params: Any, data: CacheSet, batch: int,
                compiler_options=None) -> None:
   """Compiles (runs nothing) every program `run_point(comp, params, data, batch)` will call: one per
-  distinct batch size (eval/points.py calls this on a background thread, a point ahead)."""
+  distinct batch size (eval/engine/points.py calls this on a background thread, a point ahead)."""
   for size in sorted({b - a for a, b in data.batches(batch)}):
     compress.compile_errors(comp, params, (data.num_layers, size, data.num_heads, data.num_tokens,
                                            data.head_dim), with_exact=data.exact_store is not None,

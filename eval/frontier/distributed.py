@@ -1,7 +1,7 @@
 """Splitting a frontier run over processes (jax.distributed): each process its own shards and points.
 
 One command on every process (every host of a TPU slice or GPU cluster, or N local processes started
-by `python -m eval.launch`) with `--config.distributed.enabled=True`; the processes share the workdir
+by `python -m eval.frontier.launch`) with `--config.distributed.enabled=True`; the processes share the workdir
 (a shared filesystem). Process i of P captures the capture shards j with j % P == i, computes the
 full-cache reference outputs of its batches of held-out sequences, and evaluates its sweep points
 (`assign`: round robin, except that every budget of a learned method goes to one process, which trains
@@ -23,7 +23,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from eval.results import ResultTable
+from eval.engine.results import ResultTable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +86,7 @@ def init(config: ml_collections.ConfigDict) -> Cluster:
     jax.distributed.initialize(**kwargs)
   except (ValueError, RuntimeError) as e:
     raise ValueError(f'cannot join the distributed run ({e}); on one machine start it with python -m '
-                     'eval.launch --processes N -- <frontier flags>, elsewhere set '
+                     'eval.frontier.launch --processes N -- <frontier flags>, elsewhere set '
                      '--config.distributed.coordinator=HOST:PORT, .num_processes and .process_id '
                      '(or run on a TPU/GPU cluster that JAX detects)') from e
   cluster = Cluster(jax.process_index(), jax.process_count(), int(d.barrier_timeout_s))

@@ -1,10 +1,10 @@
 r"""Runs one frontier job as N processes on this machine (jax.distributed over localhost).
 
-    python -m eval.launch --processes 4 -- --config configs/frontier.py:d16 --workdir runs/d16
-    python -m eval.launch --processes 8 --one_gpu_each -- --config ... --workdir ...   # 8 GPUs, 1 each
+    python -m eval.frontier.launch --processes 4 -- --config configs/frontier.py:d16 --workdir runs/d16
+    python -m eval.frontier.launch --processes 8 --one_gpu_each -- --config ... --workdir ...   # 8 GPUs, 1 each
 
 Starts `python -m eval.frontier <frontier flags> --config.distributed.enabled=True
---config.distributed.{coordinator,num_processes,process_id}=...` N times (eval/distributed.py: each
+--config.distributed.{coordinator,num_processes,process_id}=...` N times (eval/frontier/distributed.py: each
 process captures its shards and evaluates its points; process 0 merges and writes the outputs).
 Process 0 prints to this terminal, process i > 0 to WORKDIR/parts/process<i>.log. If one process
 fails, the others are stopped; the exit status is the first failure's (0 when all succeed).
@@ -76,14 +76,15 @@ def launch(processes: int, frontier_args: Sequence[str], one_gpu_each: bool = Fa
 
 def main(argv: Sequence[str] | None = None) -> None:
   argv = list(sys.argv[1:] if argv is None else argv)
-  if '--' not in argv:
-    raise SystemExit('usage: python -m eval.launch --processes N [--one_gpu_each] -- <eval.frontier flags>')
-  split = argv.index('--')
-  p = argparse.ArgumentParser(prog='python -m eval.launch', description=__doc__.split('\n\n')[0])
+  p = argparse.ArgumentParser(prog='python -m eval.frontier.launch', description=__doc__.split('\n\n')[0],
+                              usage='%(prog)s --processes N [--one_gpu_each] [--port P] -- <eval.frontier flags>')
   p.add_argument('--processes', type=int, required=True, help='processes on this machine')
   p.add_argument('--one_gpu_each', action='store_true', help='process i sees only GPU i')
   p.add_argument('--port', type=int, default=0, help='coordinator port on localhost (0: a free one)')
+  split = argv.index('--') if '--' in argv else len(argv)
   a = p.parse_args(argv[:split])
+  if split == len(argv):
+    p.error('give the frontier flags after --, e.g. -- --config configs/default.py --workdir runs/frontier')
   sys.exit(launch(a.processes, argv[split + 1:], a.one_gpu_each, a.port))
 
 

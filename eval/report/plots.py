@@ -12,8 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from eval import pareto as pareto_lib  # noqa: E402
-from eval.results import as_float, x_of  # noqa: E402
+from eval.report import pareto as pareto_lib  # noqa: E402
+from eval.engine.results import as_float, x_of  # noqa: E402
 
 MARKERS = 'osD^v<>pPX*h'
 ERROR_FLOOR = 1e-6      # errors of exactly 0 (full cache in float32) are drawn here on log axes

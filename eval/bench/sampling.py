@@ -1,8 +1,8 @@
 r"""Sampling benchmark: images/s and tokens/s of `generate`, compile time apart, peak KV-cache bytes.
 
-    python -m eval.bench_sampling --size=d16 --batch=1 --runs=3
-    python -m eval.bench_sampling --var_ckpt=/path/var_d16.pth --vae_ckpt=/path/vae_ch160v4096z32.pth
-    python -m eval.bench_sampling --size=d16 --policy=snapkv --budget=25%
+    python -m eval.bench.sampling --size=d16 --batch=1 --runs=3
+    python -m eval.bench.sampling --var_ckpt=/path/var_d16.pth --vae_ckpt=/path/vae_ch160v4096z32.pth
+    python -m eval.bench.sampling --size=d16 --policy=snapkv --budget=25%
 
 With --size the weights are random (drawn directly into the abstract model, no slow eager init); the
 speed of sampling does not depend on their values. Prints one JSON line of figures.

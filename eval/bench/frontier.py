@@ -1,8 +1,8 @@
 r"""Frontier-engine benchmark at official scale: capture N images, sweep M methods x B budgets.
 
-    python -m eval.bench_frontier --workdir /tmp/bench_d16                       # configs/frontier.py:d16
-    python -m eval.bench_frontier --workdir /tmp/bench_d16 --config.capture.val_shards=4   # 16 images
-    python -m eval.bench_frontier --workdir /tmp/bench_d16 --config=configs/frontier.py:d16 \
+    python -m eval.bench.frontier --workdir /tmp/bench_d16                       # configs/frontier.py:d16
+    python -m eval.bench.frontier --workdir /tmp/bench_d16 --config.capture.val_shards=4   # 16 images
+    python -m eval.bench.frontier --workdir /tmp/bench_d16 --config=configs/frontier.py:d16 \
         --config.model.source=official --config.model.var_ckpt=var_d16.pth --config.model.vae_ckpt=...
 
 Runs `eval.frontier` (random d16 weights by default: the engine's cost does not depend on their values)
@@ -10,7 +10,7 @@ in a new workdir and prints, as a table and one JSON line: wall seconds per stag
 seconds spent tracing, lowering and compiling, sweep run time (sweep wall - its compile time; with
 `sweep.compile_ahead`, whose compiles overlap the points, the sum of the points' own seconds), seconds
 per point, peak RSS of the process and bytes on disk of the capture and of the stored full-cache
-reference outputs (eval/exact_store.py).
+reference outputs (eval/engine/exact_store.py).
 """
 from __future__ import annotations
 
@@ -74,9 +74,9 @@ def figures(result: dict, log: CompileLog, rows: list[dict], workdir: str, sweep
 
 def main(argv: Sequence[str]) -> None:
   from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from eval import frontier  # pylint: disable=g-import-not-at-top
-  from eval import sweep  # pylint: disable=g-import-not-at-top
-  from eval.results import Paths, ResultTable  # pylint: disable=g-import-not-at-top
+  from eval.frontier import job as frontier  # pylint: disable=g-import-not-at-top
+  from eval.engine import sweep  # pylint: disable=g-import-not-at-top
+  from eval.engine.results import Paths, ResultTable  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {list(argv[1:])}')
   F = flags.FLAGS

@@ -1,9 +1,9 @@
 """The built-in classifier of the built-in dataset's 12 classes: a small CNN that scores samples.
 
-`eval.samples` trains one per run to report sample accuracy; the closed loop of the frontier scores
-generated images with the shipped one (`load_builtin`, `eval/assets/classifier_32px.npz`: the
-classifier `train_classifier(32)` gives, exported by `python -m eval.classifier --out
-eval/assets/classifier_32px.npz`), so that no run pays for training it.
+`eval.quality.samples` trains one per run to report sample accuracy; the closed loop of the frontier scores
+generated images with the shipped one (`load_builtin`, `eval/quality/assets/classifier_32px.npz`: the
+classifier `train_classifier(32)` gives, exported by `python -m eval.quality.classifier --out
+eval/quality/assets/classifier_32px.npz`), so that no run pays for training it.
 """
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def save(model: SmallCNN, path: str, meta: dict) -> None:
 def load(path: str = ASSET) -> tuple[SmallCNN, dict]:
   """(classifier, meta) from `save`'s file; a missing or mismatched file raises with the fix."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f'no classifier at {path!r}; export one with python -m eval.classifier --out {path}')
+    raise FileNotFoundError(f'no classifier at {path!r}; export one with python -m eval.quality.classifier --out {path}')
   with np.load(path) as f:
     meta = json.loads(str(f['__meta__']))
     arrays = {k: f[k] for k in f.files if k != '__meta__'}
@@ -124,7 +124,7 @@ def load(path: str = ASSET) -> tuple[SmallCNN, dict]:
   names = [jax.tree_util.keystr(p) for p, _ in flat[0]]
   if sorted(names) != sorted(arrays):
     raise ValueError(f'{path!r} does not hold a SmallCNN of this version (parameters {sorted(arrays)[:3]}...); '
-                     f're-export it with python -m eval.classifier --out {path}')
+                     f're-export it with python -m eval.quality.classifier --out {path}')
   new = [jnp.asarray(arrays[n]).reshape(x.shape) for n, (_, x) in zip(names, flat[0])]
   nnx.update(model, jax.tree_util.tree_unflatten(flat[1], new))
   return model, meta
@@ -135,7 +135,7 @@ def main(argv: Sequence[str]) -> None:
   model, acc = train_classifier(FLAGS.image_size, progress=True)
   save(model, FLAGS.out, {'num_classes': len(CLASS_NAMES), 'image_size': FLAGS.image_size,
                           'seed': CLASSIFIER_SEED, 'held_out_real_accuracy': acc,
-                          'command': f'python -m eval.classifier --out {FLAGS.out} --image_size {FLAGS.image_size}'})
+                          'command': f'python -m eval.quality.classifier --out {FLAGS.out} --image_size {FLAGS.image_size}'})
   print(f'held-out accuracy on real images {acc:.4f}; wrote {FLAGS.out}')
 
 

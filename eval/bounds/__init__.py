@@ -1,0 +1,1 @@
+"""Lower bounds and references drawn on the frontier: rank bound, Gaussian ideal code, hard instance."""

@@ -1,0 +1,1 @@
+"""Image quality: closed-loop generation, metrics, the built-in classifier, samples, paired comparison."""

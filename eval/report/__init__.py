@@ -1,0 +1,1 @@
+"""Reports of a run: Pareto envelopes, the frontier figure, TensorBoard and its screenshot."""
