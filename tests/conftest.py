@@ -15,3 +15,16 @@ if os.environ.get('VAR_TESTS_XLA_DEFAULTS') != '1':
   _flags = os.environ.get('XLA_FLAGS', '')
   if not any(name in _flags for name in _FAST):
     os.environ['XLA_FLAGS'] = ' '.join([_flags] + [f'{k}={v}' for k, v in _FAST.items()]).strip()
+
+
+import pytest  # noqa: E402  (after the XLA flags: they must be set before anything imports jax)
+
+
+@pytest.fixture(scope='session')
+def tiny_frontier_run(tmp_path_factory):
+  """Workdir of one uninterrupted tests/tiny_frontier.py run (eval.frontier.job.run in this process)."""
+  import tiny_frontier  # pylint: disable=g-import-not-at-top
+  from eval.frontier import job  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp('tiny_frontier') / 'run')
+  assert job.run(tiny_frontier.config(), workdir)['failed'] == []
+  return workdir

@@ -2,7 +2,9 @@
 
 A row is appended (flushed and fsynced) as soon as its point is done; a point whose key is already in
 the file is not computed again. The header is fixed when the file is created: a file with another
-header is refused (it belongs to another kind of run).
+header is refused (it belongs to another kind of run). A last line without its line end (the process
+was killed while writing it) is not a finished point: it is moved to `<path>.cut` and cut off the
+table, so its point is computed again; so is any row with the wrong number of fields.
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import csv
 import math
 import os
 from typing import Any, Iterable, Mapping, Sequence
+
+from absl import logging
 
 
 def fmt(value: Any) -> str:
@@ -36,14 +40,41 @@ class ResultTable:
       raise ValueError(f'key columns {sorted(missing)} are not among the columns')
     self.path, self.columns, self.key = path, tuple(columns), tuple(key)
     self._rows: list[dict[str, str]] = []
-    if os.path.exists(path):
+    if os.path.exists(path) and self._drop_cut_lines():
       with open(path, newline='') as f:
         reader = csv.DictReader(f)
         if tuple(reader.fieldnames or ()) != self.columns:
           raise ValueError(f'{path} has columns {reader.fieldnames}, expected {list(self.columns)}: it was '
                            'written by another version or kind of run; use a new --workdir')
         self._rows = list(reader)
+      whole = [r for r in self._rows if None not in r and None not in r.values()]
+      if len(whole) < len(self._rows):       # a row with missing or extra fields: not a finished point
+        cells = lambda r: ','.join([r[c] for c in self.columns if r.get(c) is not None] + (r.get(None) or []))
+        self._set_aside([cells(r) for r in self._rows if r not in whole], 'rows with the wrong number of fields')
+        self._rows = whole
+        write_table(path, self.columns, whole)
     self._keys = {self._key(r) for r in self._rows}
+
+  def _drop_cut_lines(self) -> bool:
+    """Cuts a last line that lacks its line end (a write interrupted by a kill) off the file, keeping it
+    in `<path>.cut`; returns whether the file still holds anything (at least a header)."""
+    with open(self.path, 'rb') as f:
+      data = f.read()
+    end = data.rfind(b'\n') + 1
+    if end < len(data):
+      self._set_aside([data[end:].decode('utf-8', 'replace')], 'a line cut off mid-write')
+      with open(self.path, 'r+b') as f:
+        f.truncate(end)
+        f.flush()
+        os.fsync(f.fileno())
+    return end > 0
+
+  def _set_aside(self, lines: Sequence[Any], why: str) -> None:
+    with open(f'{self.path}.cut', 'a') as f:
+      for line in lines:
+        f.write(f'{line}\n')
+    logging.warning('%s: %d incomplete row(s) (%s) are not finished points; they will be computed '
+                    'again (kept in %s.cut)', self.path, len(lines), why, self.path)
 
   def _key(self, row: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(fmt(row.get(k)) for k in self.key)
@@ -67,7 +98,7 @@ class ResultTable:
     if row in self:
       raise ValueError(f'{self.path} already has a row for {self._key(row)}')
     text = {c: fmt(row.get(c)) for c in self.columns}
-    new = not os.path.exists(self.path)
+    new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
     os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
     with open(self.path, 'a', newline='') as f:
       w = csv.DictWriter(f, fieldnames=list(self.columns))
