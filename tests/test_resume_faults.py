@@ -150,10 +150,11 @@ def test_a_frontier_killed_during_the_sweep_and_training_resumes_to_the_same_row
   rows_in = lambda: len(read_rows(table)) - 1 if os.path.exists(table) else 0
   saved = lambda: sorted(int(s) for s in os.listdir(steps) if s.isdigit()) if os.path.isdir(steps) else []
   with open(tmp_path / 'log.txt', 'wb') as log:
-    _kill_when(_start(workdir, log), lambda: rows_in() >= 1, 'a sweep row')            # during the sweep
-    assert rows_in() < tiny_frontier.POINTS
     _kill_when(_start(workdir, log), lambda: saved(), 'a training checkpoint')         # during training
-    assert saved() and max(saved()) < tiny_frontier.STEPS and rows_in() < tiny_frontier.POINTS
+    assert max(saved()) < tiny_frontier.STEPS and rows_in() < tiny_frontier.POINTS
+    before = rows_in()
+    _kill_when(_start(workdir, log), lambda: rows_in() > before, 'a new sweep row')    # during the sweep
+    assert rows_in() < tiny_frontier.POINTS
     done = _start(workdir, log)
     assert done.wait(600) == 0, open(tmp_path / 'log.txt').read()[-3000:]
   want = {tiny_frontier.key(r): r for r in tiny_frontier.rows(tiny_frontier_run)}

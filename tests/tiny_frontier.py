@@ -24,12 +24,28 @@ _FLAGS = {
     'learned.train.eval_every': 0, 'learned.train.batch_size': 4, 'learned.train.eval_sequences': 4,
     'learned.train.calibration_sequences': 4, 'closed_loop.methods': (), 'gaussian_reference': False,
     'rank_bound.settings': (), 'progress': False}
+# set only where the config has them: per-head budgets as given (shared parameters reported apart)
+_IF_PRESENT = {'sweep.fit_amortised': False}
+
+
+def _has(c, name):
+  *path, leaf = name.split('.')
+  for p in path:
+    if p not in c:
+      return False
+    c = c[p]
+  return leaf in c
+
+
+def _settings():
+  from configs import frontier as frontier_config  # pylint: disable=g-import-not-at-top
+  c = frontier_config.get_config('tiny')
+  return c, {**_FLAGS, **{n: v for n, v in _IF_PRESENT.items() if _has(c, n)}}
 
 
 def config():
-  from configs import frontier as frontier_config  # pylint: disable=g-import-not-at-top
-  c = frontier_config.get_config('tiny')
-  for name, value in _FLAGS.items():
+  c, settings = _settings()
+  for name, value in settings.items():
     *path, leaf = name.split('.')
     node = c
     for p in path:
@@ -42,7 +58,7 @@ def flags(workdir):
   """The command-line flags of the same run."""
   text = lambda v: '(' + ''.join(f'{x!r},' for x in v) + ')' if isinstance(v, tuple) else str(v)
   return ['--config=configs/frontier.py:tiny', f'--workdir={workdir}'] + [
-      f'--config.{n}={text(v)}' for n, v in _FLAGS.items()]
+      f'--config.{n}={text(v)}' for n, v in _settings()[1].items()]
 
 
 def rows(workdir):
