@@ -2,8 +2,9 @@
 
 Per (layer, head), from the shapes and stored dtypes the compressors' docstrings give (written out
 here, never `tree_bits` of the same parameters):
-  composed, composed_learned  means (D) and bases (D x r) of keys and values, steps (r) at float16,
-                              widths (r) at uint8; r = 1 + the last component any head codes
+  composed, composed_learned  means (D) and bases (D x r) of keys and values at float16, and per code
+                              (one, or one per distinct entry width) steps (r) at float16 and widths (r)
+                              at uint8; r = 1 + the last component any head codes
   pca                         bases (D x r) and means (D) at float16, r from the budget
   lowrank_learned             encoders (D x r), decoders (r x D) and means (D) at float16
   merge_learned               9 float32 (score (5), value_sim, threshold, weight_pow, calib)
@@ -50,7 +51,8 @@ def by_hand(name, comp, params):
   per_head = None
   if name in ('composed', 'composed_learned'):
     rk, rv = coded_rank(params['k_width']), coded_rank(params['v_width'])
-    per_head = sum(F16 * (D + D * r + r) + U8 * r for r in (rk, rv))
+    codes = params['k_width'].shape[2] if params['k_width'].ndim == 4 else 1   # widths per code, if several
+    per_head = sum(F16 * (D + D * r) + codes * (F16 * r + U8 * r) for r in (rk, rv))
   elif name == 'pca':
     rk, rv = lowrank_ranks(comp.geometry, comp.budget)
     per_head = F16 * (D * rk + D + D * rv + D)

@@ -3,19 +3,23 @@ their docstrings (compress/composed/transform_code.py, docs/composed.md), not fr
 
 - read back: a stored coefficient c reads back as c @ basis^T + mean (basis, mean at the geometry
   dtype); a slot of size s > 1 adds log(s) to its logit;
-- merge: each scale's candidates (kept slots, then the new tokens) are ranked by the attention the
-  scale's queries give them (summed over queries); the top m stay, in that order; every other valid one
+- merge: when a scale's candidates (kept slots, then the new tokens) exceed the m slots, they are ranked
+  by the attention the scale's queries give them (summed over queries); the top m stay; every other one
   joins the kept one of highest key cosine if that cosine is >= `threshold`, else it is dropped; a slot
   stores the mean of its members' coefficients weighted by their attention mass (mean over queries,
   + 1e-6 per token a member stands for), its size is the members' total size, the count the kept ones.
 
-The reference does not follow the bit-width schedule: before every scale it takes the read-back
-coefficients the state holds (`read_back`), and after it it checks that the state stores its merged
-coefficients (`stored`: the midrise quantiser of the docstring at the widths and steps in force). Those
-two helpers are the only places that know how coefficients are coded. Checked per scale: outputs,
-stored coefficients, sizes and counts; at keep = 0.5 and at the automatic keep of 5 / 10 / 25 %.
-Faults caught (checked by breaking transform_code.py in a scratch copy): the log(size) bias dropped,
-the threshold ignored, size weights instead of attention mass.
+The reference does not follow the bit-width schedule (how many slots and bits each scale's state
+has): before every scale it takes what the state holds as its step reads it (`read_back`: entries
+held exactly at the geometry dtype, or coded coefficients read back through the basis), takes the
+slots from the state after the step, and checks that state against its own entries in any slot order
+(attention does not see the order): counts and sizes equal, exact entries at fp16 precision, coded
+coefficients on the state's quantiser within half a step of the reference's merged coefficients
+(`quantiser_range`: the docstring's midrise range of the code in force). `read_back`,
+`quantiser_range` and `_coded_stage` are the only places that know how entries are coded. Checked
+per scale: outputs, stored entries, sizes and counts; at keep = 0.5 and at the automatic keep of
+5 / 10 / 25 %. Faults caught (checked by breaking transform_code.py in a scratch copy): the log(size)
+bias dropped, the threshold ignored, size weights instead of attention mass (each fails all 8 cases).
 """
 import functools
 
@@ -42,26 +46,41 @@ def f16(a):
   return np.asarray(np.asarray(a, np.float16), np.float64)
 
 
-def stored_params(comp, p):
-  """Per tensor: mean (H, D), basis (H, D, R), step (H, R), width (H, R) as a deployment stores them."""
-  out = {}
-  for t in 'kv':
-    step = np.exp(np.asarray(p[f'{t}_logstep'])) if comp.learned else np.asarray(p[f'{t}_step'])
-    out[t] = (f16(p[f'{t}_mean']), f16(p[f'{t}_basis']), f16(step), np.round(np.asarray(p[f'{t}_width'], np.float64)))
-  return out
+def tensors(comp, p):
+  """Per tensor: mean (H, D) and basis (H, D, R) as a deployment stores them (float16)."""
+  return {t: (f16(p[f'{t}_mean']), f16(p[f'{t}_basis'])) for t in 'kv'}
 
 
-# ---- the two places that know how coefficients are coded ----------------------------------------
-def read_back(comp, p, state):
-  """{'k', 'v'}: (B, H, m, R) float64 coefficients the state holds (as its step reads them)."""
-  return {t: np.asarray(c, np.float64) for t, c in comp.decode(p, state.k).items()}
+# ---- the only places that know how the state codes its entries -----------------------------------
+def _coded_stage(comp, scale):
+  """Index of the widths and steps the state after `scale` is coded with (one code: no index)."""
+  return comp.stages()[scale].code if hasattr(comp, 'stages') else None
 
 
-def stored(x, step, width):
-  """What the state holds for coefficients x (B, H, m, R): the docstring's midrise quantiser."""
-  levels = 2.0 ** width[None, :, None]
-  code = np.clip(np.floor(x / step[None, :, None] + levels / 2), 0, levels - 1)
-  return (code + 0.5 - levels / 2) * step[None, :, None]
+def read_back(comp, p, state, scale):
+  """What the state after `scale` holds, as its next step reads it: {'exact': bool, 'k', 'v': (B, H, M,
+  D) rebuilt keys and values, 'coef': {'k', 'v'} (B, H, M, R) coefficients (coded) or None, 'size'
+  (B, H, M), 'valid' (B, H, M)}, float64. Exact entries are held at the geometry dtype; coded ones read
+  back as coef @ basis^T + mean."""
+  size = np.asarray(state.extra['size'], np.float64) if 'size' in state.extra else np.ones(state.k.shape[:3])
+  out = {'size': size, 'valid': np.asarray(state.valid)}
+  if jnp.issubdtype(state.k.dtype, jnp.floating):
+    return {**out, 'exact': True, 'coef': None, 'k': np.asarray(state.k, np.float64),
+            'v': np.asarray(state.v, np.float64)}
+  code = _coded_stage(comp, scale)
+  coef = comp.decode(p, state.k) if code is None else comp.decode(p, state.k, code)
+  coef = {t: np.asarray(c, np.float64) for t, c in coef.items()}
+  tt = tensors(comp, p)
+  rebuilt = {t: np.einsum('bhmr,hdr->bhmd', coef[t], tt[t][1]) + tt[t][0][None, :, None] for t in 'kv'}
+  return {**out, 'exact': False, 'coef': coef, **rebuilt}
+
+
+def quantiser_range(comp, p, t, scale):
+  """(step, lowest, highest read-back value) (H, R) of the code the state after `scale` uses."""
+  code = _coded_stage(comp, scale)
+  step, width = comp.step_width(p, t) if code is None else comp.step_width(p, t, code)
+  step, levels = np.asarray(step, np.float64), 2.0 ** np.asarray(width, np.float64)
+  return step, (0.5 - levels / 2) * step, (levels / 2 - 0.5) * step
 
 
 # ---- the reference step -----------------------------------------------------------------------
@@ -70,54 +89,91 @@ def softmax_rows(logits):
   return e / e.sum(-1, keepdims=True)
 
 
-def reference_step(sp, coef, size, valid, q, k, v, m, threshold, last):
-  """One scale per (b, h): outputs (B, H, S, D), and unless `last` the merged coefficients before
-  storage {'k', 'v'} (B, H, m, R), sizes (B, H, m), counts (B, H) and what happened (merges, drops)."""
+def reference_step(tt, held, q, k, v, slots, threshold, last):
+  """One scale per (b, h) over the held entries (`read_back`): outputs (B, H, S, D), and unless `last`
+  the entries to store when the state has `slots` slots, as lists per (b, h) of (coefficients {'k',
+  'v'} before storage, keys, values, size), and what happened (merges, drops)."""
   Bn, Hn, S, _ = q.shape
   out = np.zeros((Bn, Hn, S, D))
-  new = {'k': None, 'v': None}
-  x_out = {t: np.zeros((Bn, Hn, m, coef[t].shape[-1])) for t in 'kv'}
-  size_out, count_out = np.zeros((Bn, Hn, m)), np.zeros((Bn, Hn), int)
+  entries = {}
   events = {'merged': 0, 'dropped': 0}
   for b in range(Bn):
     for h in range(Hn):
-      rebuilt = {}
-      for t in 'kv':
-        mean, basis = sp[t][0][h], sp[t][1][h]
-        rebuilt[t] = coef[t][b, h] @ basis.T + mean                        # (m, D)
-      bias = np.log(np.maximum(size[b, h], 1.0))
-      lc = np.where(valid[b, h], q[b, h] @ rebuilt['k'].T + bias, -np.inf)  # (S, m)
-      p = softmax_rows(np.concatenate([lc, q[b, h] @ k[b, h].T], 1))       # (S, m + S)
-      out[b, h] = p @ np.concatenate([rebuilt['v'], v[b, h]])
+      valid = held['valid'][b, h]
+      bias = np.log(np.maximum(held['size'][b, h], 1.0))
+      lc = np.where(valid, q[b, h] @ held['k'][b, h].T + bias, -np.inf)     # (S, M)
+      p = softmax_rows(np.concatenate([lc, q[b, h] @ k[b, h].T], 1))         # (S, M + S)
+      out[b, h] = p @ np.concatenate([held['v'][b, h], v[b, h]])
       if last:
         continue
-      newc = {t: (x[b, h] - sp[t][0][h]) @ sp[t][1][h] for t, x in (('k', k), ('v', v))}
-      keys = np.concatenate([rebuilt['k'], k[b, h]])
-      pay = np.concatenate([np.concatenate([coef['k'][b, h], coef['v'][b, h]], 1),
-                            np.concatenate([newc['k'], newc['v']], 1)])
-      ok = np.concatenate([valid[b, h], np.ones(S, bool)])
-      sz = np.concatenate([size[b, h], np.ones(S)])
+      proj = lambda t, x: (x - tt[t][0][h]) @ tt[t][1][h]
+      # coded entries carry their read-back coefficients; exact ones are projected as new tokens are
+      coef = {t: proj(t, held[t][b, h]) if held['coef'] is None else held['coef'][t][b, h] for t in 'kv'}
+      cand = [(i, {t: coef[t][i] for t in 'kv'}, held['k'][b, h, i], held['v'][b, h, i], held['size'][b, h, i])
+              for i in np.nonzero(valid)[0]]
+      cand += [(len(valid) + j, {t: proj(t, x[b, h, j]) for t, x in (('k', k), ('v', v))}, k[b, h, j], v[b, h, j],
+                1.0) for j in range(S)]
+      if len(cand) <= slots:                   # every candidate keeps its slot
+        entries[b, h] = [c[1:] for c in cand]
+        continue
       score, mass = p.sum(0), p.mean(0)
-      order = sorted(np.nonzero(ok)[0], key=lambda i: (-score[i], i))[:m]   # best first, ties: lower index
-      unit = keys / np.linalg.norm(keys, axis=1, keepdims=True)
-      members = {j: [j] for j in order}
-      for i in np.nonzero(ok)[0]:
-        if i in members:
-          continue
-        sims = [unit[i] @ unit[j] for j in order]
+      order = sorted(cand, key=lambda c: (-score[c[0]], c[0]))                # best first, ties: lower index
+      kept = order[:slots]
+      unit = lambda x: x / np.linalg.norm(x)
+      members = {c[0]: [c] for c in kept}
+      for c in order[slots:]:
+        sims = [unit(c[2]) @ unit(a[2]) for a in kept]
         if max(sims) >= threshold:
-          members[order[int(np.argmax(sims))]].append(i)
+          members[kept[int(np.argmax(sims))][0]].append(c)
           events['merged'] += 1
         else:
           events['dropped'] += 1
-      rk = coef['k'].shape[-1]
-      for slot, j in enumerate(order):
-        w = np.array([mass[i] + SIZE_FLOOR * sz[i] for i in members[j]])
-        x = (w[:, None] * pay[members[j]]).sum(0) / w.sum()
-        x_out['k'][b, h, slot], x_out['v'][b, h, slot] = x[:rk], x[rk:]
-        size_out[b, h, slot] = sz[members[j]].sum()
-      count_out[b, h] = len(order)
-  return out, x_out, size_out, count_out, events
+      entries[b, h] = []
+      for a in kept:
+        group = members[a[0]]
+        w = np.array([mass[c[0]] + SIZE_FLOOR * c[4] for c in group])
+        mean = lambda get: sum(wi * get(c) for wi, c in zip(w, group)) / w.sum()
+        entries[b, h].append(({t: mean(lambda c, t=t: c[1][t]) for t in 'kv'}, None, None,
+                              float(sum(c[4] for c in group))))
+  return out, entries, events
+
+
+def matching(ok):
+  """A perfect matching of a square bool matrix (rows to columns), or None (augmenting paths)."""
+  n = ok.shape[0]
+  col_of = [-1] * n
+
+  def augment(r, seen):
+    for c in np.nonzero(ok[r])[0]:
+      if not seen[c]:
+        seen[c] = True
+        if col_of[c] < 0 or augment(col_of[c], seen):
+          col_of[c] = r
+          return True
+    return False
+  return col_of if all(augment(r, [False] * n) for r in range(n)) else None
+
+
+def check_stored(comp, p, after, entries, scale, what):
+  """The state after `scale` holds the reference's entries (in any slot order: attention does not see
+  the order): the same count and sizes; exact entries at the geometry dtype; coded coefficients on the
+  state's quantiser within half a step of the reference's (clipped to its range)."""
+  count = after['valid'].sum(-1)
+  for (b, h), want in entries.items():
+    n = len(want)
+    assert count[b, h] == n, (what, b, h, count[b, h], n)
+    ok = np.ones((n, n), bool)                 # ok[reference entry, state slot]
+    for j, (coef, key, val, size) in enumerate(want):
+      ok[j] &= after['size'][b, h, :n] == size
+      if after['exact']:
+        for x, got in ((key, after['k']), (val, after['v'])):
+          ok[j] &= np.all(np.abs(got[b, h, :n] - x) <= 1e-3 * np.abs(x) + 1e-6, axis=-1)
+        continue
+      for t in 'kv':
+        step, lo, hi = quantiser_range(comp, p, t, scale)
+        near = np.abs(after['coef'][t][b, h, :n] - np.clip(coef[t], lo[h], hi[h])) <= step[h] / 2 * (1 + 1e-4) + 1e-6
+        ok[j] &= near.all(-1)
+    assert matching(ok) is not None, (what, b, h, ok.sum(1))
 
 
 @functools.lru_cache(maxsize=None)
@@ -146,7 +202,7 @@ def check_against_reference(name, budget, keep, seed=3):
   m = comp.plan()[0]
   want_keep = keep or min(1.0, np.sqrt(comp.budget.bits / g.coordinates / 8.0))   # the docstring's rule
   assert m == max(1, round(want_keep * T)) < T and comp.merging
-  sp = stored_params(comp, p0)
+  tt = tensors(comp, p0)
   x = qkv(seed)
   q, k, v = (x[t][0] for t in 'qkv')
   state = comp.init_state(B, H)
@@ -154,29 +210,21 @@ def check_against_reference(name, budget, keep, seed=3):
   outs, max_size = [], 0
   for si, (st, S) in enumerate(zip(g.scale_starts, g.scale_sizes)):
     sl = slice(st, st + S)
-    coef = read_back(comp, p0, state)
-    size = np.asarray(state.extra['size'], np.float64)
-    valid = np.asarray(state.valid)
+    held = read_back(comp, p0, state, si - 1)
     last = si == len(PN) - 1
-    ref_out, ref_x, ref_size, ref_count, ev = reference_step(
-        sp, coef, size, valid, *(a[:, :, sl].astype(np.float64) for a in (q, k, v)), m, comp.threshold, last)
     out, state = jitted_step(comp, si)(p0, state, *(jnp.asarray(a[:, :, sl]) for a in (q, k, v)))
+    assert state.k.shape[2] <= m                                # never more slots than the peak's
+    ref_out, entries, ev = reference_step(tt, held, *(a[:, :, sl].astype(np.float64) for a in (q, k, v)),
+                                          state.k.shape[2], comp.threshold, last)
     np.testing.assert_allclose(np.asarray(out), ref_out, rtol=2e-4, atol=2e-5, err_msg=f'{name} scale {si}')
     outs.append(np.asarray(out))
     if last:
       break
     events = {e: events[e] + ev[e] for e in events}
-    np.testing.assert_array_equal(np.asarray(state.count), ref_count, err_msg=f'{name} counts, scale {si}')
-    np.testing.assert_array_equal(np.asarray(state.extra['size'], np.float64), ref_size,
-                                  err_msg=f'{name} sizes, scale {si}')
-    got = read_back(comp, p0, state)
-    for t in 'kv':
-      want = stored(ref_x[t], sp[t][2], sp[t][3])
-      filled = np.arange(m)[None, None, :] < ref_count[..., None]
-      np.testing.assert_allclose(got[t][filled], want[filled], rtol=1e-5, atol=1e-6,
-                                 err_msg=f'{name} stored {t} coefficients, scale {si}')
-    max_size = max(max_size, int(ref_size.max()))
-  assert np.asarray(state.extra['size'], np.float64).sum(-1).max() <= T
+    after = read_back(comp, p0, state, si)
+    check_stored(comp, p0, after, entries, si, f'{name} scale {si}')
+    max_size = max(max_size, int(after['size'].max()))
+  assert after['size'].sum(-1).max() <= T
   # the case exercises every rule: merges (sizes > 1, so the bias), drops (so the threshold)
   assert events['merged'] > 0 and events['dropped'] > 0 and max_size > 1, events
   return comp, p0, x, np.concatenate(outs, 2)
