@@ -100,6 +100,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'train_budget': '10%',
       # per-method budget lists that replace `budgets` (e.g. the ones a 10-minute run can train at)
       'method_budgets': ml_collections.ConfigDict({'composed_learned': ('5%', '10%')}),
+      # True: a trained run whose checkpoint cannot be read (corrupt, truncated) is moved aside to
+      # <folder>.corrupt-<time> and that compressor alone is trained again; False: the run stops and says so
+      'retrain_corrupt': False,
       'train': ml_collections.ConfigDict({'num_steps': 300, 'batch_size': 4, 'warmup_steps': 20,
                                           'eval_every': 0, 'ckpt_every': 300, 'log_every': 50,
                                           'eval_sequences': 16, 'calibration_sequences': 0,

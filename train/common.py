@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +32,8 @@ import tqdm
 from absl import logging
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from var_jax import cli
 
 TrainState = dict[str, Any]     # {'params': nnx.State, 'rest': nnx.State, 'opt': optax state, 'step': int32}
 Metrics = dict[str, jax.Array]
@@ -210,6 +213,51 @@ def _like(got: Any, target: Any) -> Any:
                       got, target)
 
 
+class CorruptCheckpoint(cli.UserError):
+  """A checkpoint step that cannot be read; `run` is the workdir of its training run."""
+
+  def __init__(self, message: str, run: str):
+    super().__init__(message)
+    self.run = run
+
+
+class _DropClosedLoop:
+  """sys.unraisablehook that drops the "Event loop is closed" RuntimeErrors which the storage layer's
+  leftover reads raise after orbax closed the event loop of a failed restore; passes the rest on."""
+
+  def __init__(self, previous: Callable[[Any], None]):
+    self.previous = previous
+
+  def __call__(self, unraisable: Any) -> None:
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == 'Event loop is closed'):
+      self.previous(unraisable)
+
+
+def read_checkpoint(mngr: ocp.CheckpointManager, workdir: str, step: int, args: Any) -> Any:
+  """`mngr.restore(step, args=args)`; a step that cannot be read (corrupt, truncated, or written by
+  other code) raises `CorruptCheckpoint` naming its folder and the fix. The "Event loop is closed"
+  tracebacks that the storage layer prints after a failed read are dropped (shown with --debug or
+  VAR_DEBUG=1); after a failure the filter stays, as the step's other reads may end later."""
+  previous = sys.unraisablehook
+  if not (isinstance(previous, _DropClosedLoop) or cli.debug()):
+    sys.unraisablehook = _DropClosedLoop(previous)
+  try:
+    got = mngr.restore(step, args=args)
+  except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore raise many kinds)
+    error = e
+  else:
+    sys.unraisablehook = previous
+    return got
+  folder = os.path.join(workdir, 'checkpoints', str(step))
+  earlier = sorted(s for s in mngr.all_steps() if s < step) or 'none'
+  cause = ' '.join(str(error).split())
+  raise CorruptCheckpoint(
+      f'checkpoint {folder!r} cannot be read ({type(error).__name__}: {cause[:300]}): it is corrupt, '
+      f'incomplete or written by other code. Delete that step folder to fall back on an earlier one '
+      f'({earlier}), or delete {workdir!r} to train it again', workdir) from error
+
+
 def save(mngr: ocp.CheckpointManager, state: TrainState) -> int:
   step = int(jax.device_get(state['step']))
   if step not in mngr.all_steps():
@@ -220,9 +268,10 @@ def save(mngr: ocp.CheckpointManager, state: TrainState) -> int:
   return step
 
 
-def restore(mngr: ocp.CheckpointManager, state: TrainState, step: int) -> TrainState:
-  """Restores the full training state of `step` with the structure and shardings of `state`."""
-  got = mngr.restore(step, args=ocp.args.Composite(
+def restore(mngr: ocp.CheckpointManager, state: TrainState, step: int, workdir: str) -> TrainState:
+  """Restores the full training state of `step` with the structure and shardings of `state`
+  (`CorruptCheckpoint` if that step of `workdir` cannot be read)."""
+  got = read_checkpoint(mngr, workdir, step, ocp.args.Composite(
       model=ocp.args.StandardRestore(_local({'params': state['params'], 'rest': state['rest']})),
       opt=ocp.args.StandardRestore(_local({'opt': state['opt'], 'step': state['step']}))))
   got = {'model': _like(dict(got['model']), {'params': state['params'], 'rest': state['rest']}),
@@ -242,7 +291,7 @@ def restore_model(workdir: str, model: nnx.Module, step: int | None = None) -> i
   if step not in steps:
     raise ValueError(f'no checkpoint for step {step} in {workdir!r}; available steps: {sorted(steps)}')
   _, params, rest = nnx.split(model, nnx.Param, ...)
-  got = mngr.restore(step, args=ocp.args.Composite(
+  got = read_checkpoint(mngr, workdir, step, ocp.args.Composite(
       model=ocp.args.StandardRestore(_local({'params': params, 'rest': rest}))))
   got = _like(dict(got['model']), {'params': params, 'rest': rest})
   nnx.update(model, got['params'], got['rest'])
@@ -272,7 +321,7 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str, state: TrainStat
   start = 0
   if mngr.latest_step() is not None:
     start = mngr.latest_step()
-    state = restore(mngr, state, start)
+    state = restore(mngr, state, start, workdir)
     logging.info('resumed from %s at step %d of %d', workdir, start, config.num_steps)
   # tensorboardX names files by the second: a unique suffix keeps a quick resume from overwriting the log
   writer = tensorboardX.SummaryWriter(os.path.join(workdir, 'tb'), purge_step=start or None,

@@ -41,7 +41,8 @@ from compress.core.attention import rel_error
 from compress.core.budget import Budget, CacheGeometry
 from compress.core.synthetic import var_like_qkv
 from compress.core.teacher_forced import exact_outputs, run_teacher_forced
-from train import common, workdir_guard
+from train import common, workdir_guard, workdir_lock
+from var_jax import cli
 
 COMPRESSOR_FILE = 'compressor.json'
 PROVENANCE_FILE = 'provenance.json'   # {'model', 'capture'} fingerprints of the training caches
@@ -284,8 +285,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
   """Trains (or resumes, or just loads when finished) the compressor of `config` in `workdir`.
 
   `mesh`: a 1-D mesh with axis 'data' (default: every device). Returns (compressor, params), params with
-  leading axes (layers, heads).
+  leading axes (layers, heads). In one process, holds the workdir's lock (train/workdir_lock.py).
   """
+  with workdir_lock.hold(workdir, enabled=jax.process_count() == 1):
+    return _train(config, workdir, stop_at_step, mesh)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None,
+           mesh: Mesh | None) -> tuple[compress.Compressor, Any]:
   shape = data_shape(config.data)
   patch_nums, num_layers, num_heads, head_dim = shape
   geometry = CacheGeometry(patch_nums, head_dim, config.kv_dtype)
@@ -367,14 +374,8 @@ def load_trained(workdir: str, step: int | None = None, *, expect: Mapping[str, 
     step = steps[-1] if step is None else step
     if step not in steps:
       raise ValueError(f'no checkpoint for step {step} in {ckpt_dir!r}; available steps: {steps}')
-    try:
-      got = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore()))
-      params = got['model']['params']
-    except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
-      earlier = [s for s in steps if s < step] or 'none'
-      raise ValueError(f'checkpoint {os.path.join(ckpt_dir, str(step))!r} cannot be read '
-                       f'({type(e).__name__}: {e}); it is corrupt or incomplete: delete that step directory '
-                       f'to fall back on an earlier one ({earlier}), or retrain') from e
+    got = common.read_checkpoint(mngr, workdir, step, ocp.args.Composite(model=ocp.args.StandardRestore()))
+    params = got['model']['params']
   finally:
     mngr.close()
   check_params(comp, params, info['num_layers'], info['num_heads'])
@@ -395,4 +396,4 @@ if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'directory of the run (config, checkpoints, TensorBoard)')
   flags.DEFINE_bool('multihost', False, 'call jax.distributed.initialize() first (multi-host TPU/GPU slice)')
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  cli.run(main)

@@ -71,11 +71,15 @@ FLAGS = flags.FLAGS
 
 
 def main(argv: Sequence[str]) -> None:
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {list(argv[1:])}')
+  if not (FLAGS.vqvae_workdir or FLAGS.var_workdir):
+    raise app.UsageError('nothing to export: give --vqvae_workdir and / or --var_workdir')
   for folder in export(FLAGS.out, vqvae_workdir=FLAGS.vqvae_workdir, var_workdir=FLAGS.var_workdir,
                        overwrite=FLAGS.overwrite):
     print(f'wrote {folder}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from var_jax import cli
+  cli.run(main)

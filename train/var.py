@@ -25,8 +25,9 @@ from absl import app, flags, logging
 from flax import nnx, struct
 from ml_collections import config_flags
 
-from train import common, image_data, workdir_guard
+from train import common, image_data, workdir_guard, workdir_lock
 from train.vqvae import load_vqvae
+from var_jax import cli
 from var_jax.config import VARConfig, VQVAEConfig, from_json, to_json
 from var_jax.sampling import generate
 from var_jax.var import VAR
@@ -218,7 +219,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  train(flags.FLAGS.config, flags.FLAGS.workdir)
+  with workdir_lock.hold(flags.FLAGS.workdir):                # one run per workdir
+    train(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == '__main__':
@@ -226,4 +228,4 @@ if __name__ == '__main__':
   config_flags.DEFINE_config_file('config', None, 'configs/var.py:<variant>', lock_config=True)
   flags.DEFINE_string('workdir', None, 'directory of the run (config, checkpoints, TensorBoard)')
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  cli.run(main)

@@ -20,7 +20,8 @@ from absl import app, flags, logging
 from flax import nnx, struct
 from ml_collections import config_flags
 
-from train import common, image_data, workdir_guard
+from train import common, image_data, workdir_guard, workdir_lock
+from var_jax import cli
 from var_jax.config import VQVAEConfig, from_json, to_json
 from var_jax.vqvae import VQVAE
 
@@ -131,7 +132,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  train(flags.FLAGS.config, flags.FLAGS.workdir)
+  with workdir_lock.hold(flags.FLAGS.workdir):                # one run per workdir
+    train(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == '__main__':
@@ -139,4 +141,4 @@ if __name__ == '__main__':
   config_flags.DEFINE_config_file('config', None, 'configs/vqvae.py:<variant>', lock_config=True)
   flags.DEFINE_string('workdir', None, 'directory of the run (config, checkpoints, TensorBoard)')
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  cli.run(main)

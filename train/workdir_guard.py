@@ -17,6 +17,8 @@ from typing import Any
 import ml_collections
 from absl import logging
 
+from train import workdir_lock
+
 # Keys that do not change what is computed: they may differ when a run is resumed.
 RUNTIME_KEYS = frozenset({'overwrite', 'progress', 'log_every', 'ckpt_every', 'keep_ckpts', 'eval_every',
                           'eval_at_start', 'eval_at_end', 'allow_code_change', 'distributed'})
@@ -109,6 +111,7 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, model_confi
     raise ValueError(f'workdir {workdir!r} has checkpoints but no config.json; refusing to mix runs: '
                      'use an empty or new --workdir')
   os.makedirs(workdir, exist_ok=True)
+  workdir_lock.renew(workdir)       # a run moved aside above: its lock moves to the fresh workdir
   cfg = json.loads(config.to_json_best_effort())
   if code_sha256:
     cfg[CODE_KEY] = code_sha256

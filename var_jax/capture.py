@@ -304,14 +304,7 @@ def main(argv: Sequence[str], fv: Any = None) -> str:
   return out
 
 
-def _cli(argv: Sequence[str]) -> None:
-  try:
-    main(argv)
-  except (ValueError, FileNotFoundError) as e:
-    raise SystemExit(f'error: {e}') from None
-
-
 if __name__ == '__main__':
-  from absl import app
+  from var_jax import cli
   define_flags()
-  app.run(_cli)
+  cli.run(lambda argv: main(argv) and None)      # a user error: one `error:` line, exit 2

@@ -13,12 +13,10 @@ The torch files are read with `var_jax.torch_pickle` (no torch, no pickle code e
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,9 +28,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from var_jax import cli
 from var_jax import config as config_lib
 from var_jax.config import VARConfig, VQVAEConfig
-from var_jax.torch_pickle import UnsafeCheckpointError, load_torch_state_dict
+from var_jax.torch_pickle import load_torch_state_dict
 from var_jax.var import VAR, infer_var_config, load_var_state_dict
 from var_jax.vqvae import VQVAE, infer_vqvae_config, load_vqvae_state_dict
 
@@ -229,7 +228,7 @@ def load_converted_models(ckpt_dir: str | os.PathLike) -> tuple[VAR, VQVAE]:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-  parser = argparse.ArgumentParser(prog='python -m var_jax.convert', description=__doc__.split('\n')[0])
+  parser = cli.ArgumentParser(prog='python -m var_jax.convert', description=__doc__.split('\n')[0])
   parser.add_argument('--var', required=True, help='official VAR checkpoint, e.g. var_d16.pth')
   parser.add_argument('--vae', required=True, help='official VQ-VAE checkpoint, e.g. vae_ch160v4096z32.pth')
   parser.add_argument('--out', required=True, help='output directory (must not exist or be empty)')
@@ -254,7 +253,4 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == '__main__':
-  try:
-    main()
-  except (FileExistsError, FileNotFoundError, ValueError, UnsafeCheckpointError) as err:
-    sys.exit(f'error: {err}')
+  cli.run_main(main)

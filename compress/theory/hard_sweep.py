@@ -188,6 +188,6 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == '__main__':
-  from absl import app
+  from var_jax import cli
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -81,8 +81,8 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'unexpected arguments {list(argv[1:])}')
   F = flags.FLAGS
   if os.path.exists(F.workdir) and os.listdir(F.workdir):
-    raise SystemExit(f'error: {F.workdir} is not empty: a benchmark needs a new workdir (a frontier run '
-                     'there would reuse its capture and points and time nothing)')
+    raise FileExistsError(f'{F.workdir} is not empty: a benchmark needs a new workdir (a frontier run '
+                          'there would reuse its capture and points and time nothing)')
   log = CompileLog()
   compile_at = {}                        # compile seconds when each stage ended
   result = frontier.run(F.config, F.workdir, on_stage=lambda stage, _: compile_at.update({stage: log.total_seconds}))
@@ -98,9 +98,10 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file('config', 'configs/frontier.py:d16', 'frontier config to benchmark')
   flags.DEFINE_string('workdir', None, 'a new run directory')
   flags.mark_flags_as_required(['workdir'])
-  app.run(main)
+  from var_jax import cli
+  cli.run(main)

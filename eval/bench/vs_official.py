@@ -21,7 +21,10 @@ import statistics
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
+
+from var_jax import cli
+from var_jax.cli import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('official_repo', None, 'a checkout of the official VAR code (FoundationVision/VAR)')
@@ -39,8 +42,6 @@ flags.mark_flags_as_required(['official_repo'])
 def official_models(repo: str, depth: int, workdir: str):
   """The official (vae, var) at depth `depth`, seeded, in eval mode; their state dicts saved as .pth."""
   import torch  # pylint: disable=g-import-not-at-top  (optional dependency of this script only)
-  if not os.path.isfile(os.path.join(repo, 'models', 'var.py')):
-    raise SystemExit(f'--official_repo {repo!r} is not a checkout of FoundationVision/VAR (no models/var.py)')
   sys.path.insert(0, os.path.abspath(repo))
   from models import build_vae_var  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
@@ -69,12 +70,15 @@ def timed(fn, runs: int) -> tuple[float, list[float]]:
 def main(argv):
   del argv
   threads = FLAGS.threads
+  if not os.path.isfile(os.path.join(FLAGS.official_repo, 'models', 'var.py')):
+    raise UserError(f'--official_repo {FLAGS.official_repo!r} is not a checkout of FoundationVision/VAR (no '
+                    'models/var.py): git clone https://github.com/FoundationVision/VAR and pass its path')
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen=true '
                              f'intra_op_parallelism_threads={threads}').strip()
   try:
     import torch  # pylint: disable=g-import-not-at-top  (this script's own dependency)
   except ImportError:
-    raise SystemExit('this benchmark runs the official PyTorch code: pip install torch huggingface_hub') from None
+    raise UserError('this benchmark runs the official PyTorch code: pip install torch huggingface_hub') from None
   torch.set_num_threads(threads)
   vae_t, var_t, paths = official_models(FLAGS.official_repo, FLAGS.depth, FLAGS.workdir)
   import jax  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS)
@@ -113,4 +117,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
@@ -122,10 +124,28 @@ class Params:
       if os.path.exists(os.path.join(folder, 'config.json')):
         logging.info('%s at %d bits: reusing the trained run %s (resumed if unfinished)', spec,
                      comp.budget.bits, folder)
-      trained, params = trainer.train(train_config(self.config, spec, comp, self.capture_dir), folder)
+      trained, params = self._train(spec, comp, folder)
     if trained != comp:
       diff = {f.name: (getattr(trained, f.name), getattr(comp, f.name))
               for f in dataclasses.fields(comp) if getattr(trained, f.name) != getattr(comp, f.name)}
       raise ValueError(f'the compressor trained in {folder!r} differs from the one evaluated: '
                        f'{diff} (trained, wanted); use a matching run or retrain')
     return params
+
+  def _train(self, spec: MethodSpec, comp: Compressor, folder: str) -> tuple[Compressor, Any]:
+    """train.compressor into `folder` (resumed, or loaded when finished). A run whose checkpoint cannot
+    be read is refused with the fix, or with learned.retrain_corrupt moved aside and trained again."""
+    from train import compressor as trainer  # pylint: disable=g-import-not-at-top
+    from train.common import CorruptCheckpoint  # pylint: disable=g-import-not-at-top
+    config = train_config(self.config, spec, comp, self.capture_dir)
+    try:
+      return trainer.train(config, folder)
+    except CorruptCheckpoint as e:
+      if not self.config.learned.get('retrain_corrupt', False):
+        raise CorruptCheckpoint(f'{e}; or re-run with --config.learned.retrain_corrupt=True to move it aside '
+                                f'and train {spec} at {comp.budget.bits} bits (only it) again', e.run) from e
+      aside = f'{folder}.corrupt-{time.strftime("%Y%m%d-%H%M%S")}'
+      logging.warning('%s at %d bits: %s. learned.retrain_corrupt: moving %s to %s and training it again',
+                      spec, comp.budget.bits, e, folder, aside)
+      shutil.move(folder, aside)
+      return trainer.train(config, folder)

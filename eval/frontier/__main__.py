@@ -10,16 +10,14 @@ from ml_collections import config_flags
 
 from eval.engine.results import Paths
 from eval.frontier import job
+from var_jax import cli
 
 
 def main(argv: Sequence[str]) -> None:
   F = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {list(argv[1:])}')
-  try:
-    result = job.run(F.config, F.workdir)
-  except (ValueError, FileNotFoundError) as e:
-    raise SystemExit(f'error: {e}') from None
+  result = job.run(F.config, F.workdir)       # a user error: one `error:` line, exit 2 (var_jax/cli.py)
   p = Paths(F.workdir)
   print(f'\nfrontier done in {result["seconds"]:.0f} s: {p.frontier} (one row per point), {p.pareto}, '
         f'{p.bounds}, {p.png}' + (f', {p.closed}, samples_*.png' if os.path.exists(p.closed) else '')
@@ -32,4 +30,4 @@ if __name__ == '__main__':
   config_flags.DEFINE_config_file('config', 'configs/default.py', 'frontier config (configs/frontier.py:<variant>)')
   flags.DEFINE_string('workdir', None, 'run directory (created; a re-run resumes it)')
   flags.mark_flags_as_required(['workdir'])
-  app.run(main)
+  cli.run(main)

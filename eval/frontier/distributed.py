@@ -66,6 +66,18 @@ def assign(cluster: Cluster, jobs: Sequence[tuple[Any, Any]]) -> list[tuple[Any,
   return mine
 
 
+def known_lead(config: ml_collections.ConfigDict) -> bool | None:
+  """Whether this process is the run's lead (process 0), when that is known before joining: always
+  in one process, from config.distributed.process_id when given; None when only the cluster's
+  environment says (jax.distributed finds the process ids itself)."""
+  d = config.get('distributed')
+  if d is None or not d.enabled:
+    return True
+  if jax.distributed.is_initialized():
+    return jax.process_index() == 0
+  return d.process_id == 0 if d.process_id >= 0 else None
+
+
 def init(config: ml_collections.ConfigDict) -> Cluster:
   """Joins the run's processes when config.distributed.enabled (jax.distributed.initialize: the
   coordinator, process count and id from the config, or from the TPU/GPU cluster's environment when

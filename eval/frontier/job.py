@@ -50,7 +50,7 @@ ALL = 'all'          # in a methods list: every registered compressor of that ki
 # Config keys that may change between runs in one workdir: they only add (or drop) points, each of
 # which is keyed by itself (rows by dataset/method/setting/budget, trained compressors by their folder),
 # or say how the points are scheduled (sweep.compile_ahead).
-EXTENDABLE = ('sweep.compile_ahead', 'sweep.methods', 'sweep.budgets', 'learned.methods', 'learned.budgets', 'learned.method_budgets',
+EXTENDABLE = ('sweep.compile_ahead', 'learned.retrain_corrupt', 'sweep.methods', 'sweep.budgets', 'learned.methods', 'learned.budgets', 'learned.method_budgets',
               'closed_loop.methods',
               'closed_loop.budgets', 'rank_bound.settings', 'hard.methods', 'hard.budgets')
 # applies_to: the families a bound holds for ('all': every compressor; 'reference': not a bound)
@@ -342,8 +342,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         on_stage: Callable[[str, float], None] | None = None) -> dict:
   """Runs (or resumes) the frontier of `config` in `workdir`; returns {'failed', 'seconds'} (and
   'stages': wall seconds per stage, in model mode). `on_stage(name, seconds)` is called as each stage
-  (capture, sweep, bounds, closed_loop, outputs) ends."""
-  from train import workdir_guard  # pylint: disable=g-import-not-at-top
+  (capture, sweep, bounds, closed_loop, outputs) ends. Holds WORKDIR/.lock throughout (train/workdir_lock.py):
+  another run on `workdir` stops at once with `WorkdirBusy`."""
+  from train import workdir_guard, workdir_lock  # pylint: disable=g-import-not-at-top
   if config.mode not in ('model', 'hard'):
     raise ValueError(f'config.mode must be "model" or "hard", got {config.mode!r}')
   paths = Paths(workdir)
@@ -357,6 +358,12 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   if config.mode == 'hard':
     if config.get('distributed') and config.distributed.enabled:
       raise ValueError('the hard mode runs in one process: drop --config.distributed.enabled')
-    return run_hard(config, paths, prepare)
-  return run_model(config, paths, prepare, on_stage, distributed.init(config))
-
+    with workdir_lock.hold(workdir):
+      return run_hard(config, paths, prepare)
+  # one run per workdir: the lead (process 0) holds the lock for every process, taken before joining
+  # when it knows it leads (a busy workdir then stops it before the others wait on it), else after
+  lead = distributed.known_lead(config)
+  with workdir_lock.hold(workdir, enabled=lead is True):
+    cluster = distributed.init(config)
+    with workdir_lock.hold(workdir, enabled=lead is None and cluster.lead):
+      return run_model(config, paths, prepare, on_stage, cluster)

@@ -132,6 +132,9 @@ def load(path: str = ASSET) -> tuple[SmallCNN, dict]:
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  folder = os.path.dirname(os.path.abspath(FLAGS.out))
+  if not os.path.isdir(folder):                   # before a minute of training
+    raise NotADirectoryError(f'--out {FLAGS.out!r}: folder {folder!r} does not exist; create it or pick another')
   model, acc = train_classifier(FLAGS.image_size, progress=True)
   save(model, FLAGS.out, {'num_classes': len(CLASS_NAMES), 'image_size': FLAGS.image_size,
                           'seed': CLASSIFIER_SEED, 'held_out_real_accuracy': acc,
@@ -140,8 +143,9 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string('out', ASSET, 'output .npz')
   flags.DEFINE_integer('image_size', 32, 'image side in pixels')
   FLAGS = flags.FLAGS
-  app.run(main)
+  from var_jax import cli
+  cli.run(main)

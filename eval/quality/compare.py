@@ -16,7 +16,7 @@ import json
 import os
 from typing import Any, Sequence
 
-from absl import app, flags
+from absl import flags
 import jax
 import numpy as np
 
@@ -58,7 +58,12 @@ def method_params(config, workdir: str, spec: sweep.MethodSpec, comp: compress.C
       raise FileNotFoundError(f'no trained run {folder!r}: the frontier did not train {spec} at '
                               f'{comp.budget.bits} bits (add it to learned.methods / learned.budgets)')
     from var_jax.provenance import fingerprint  # pylint: disable=g-import-not-at-top
-    return trainer.load_trained(folder, expect=fingerprint(os.path.join(workdir, 'capture')))[1]
+    from train.common import CorruptCheckpoint  # pylint: disable=g-import-not-at-top
+    try:
+      return trainer.load_trained(folder, expect=fingerprint(os.path.join(workdir, 'capture')))[1]
+    except CorruptCheckpoint as e:
+      raise CorruptCheckpoint(f'{e}; or re-run the frontier on {workdir!r} with '
+                              '--config.learned.retrain_corrupt=True to retrain it', e.run) from e
   calib = None
   if comp.needs_calibration:
     from var_jax.capture import CaptureDataset  # pylint: disable=g-import-not-at-top
@@ -125,7 +130,9 @@ flags.DEFINE_list('budgets', ['10%', '25%', '50%'], 'budgets (Budget.parse forms
 
 def main(argv):
   del argv
-  rows = compare(FLAGS.workdir, FLAGS.a, FLAGS.b, FLAGS.budgets)
+  from train import workdir_lock  # pylint: disable=g-import-not-at-top
+  with workdir_lock.hold(FLAGS.workdir):      # a run in progress there: WorkdirBusy, one line
+    rows = compare(FLAGS.workdir, FLAGS.a, FLAGS.b, FLAGS.budgets)
   path = os.path.join(FLAGS.workdir, f'compare_{FLAGS.a}_vs_{FLAGS.b}.csv'.replace('(', '_').replace(')', ''))
   with open(path, 'w', newline='') as f:
     w = csv.DictWriter(f, COLUMNS)
@@ -140,4 +147,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from var_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)

@@ -101,7 +101,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string('out', 'runs/samples', 'output directory')
   flags.DEFINE_string('converted', '', 'a converted checkpoint dir (default: the built-in model)')
   flags.DEFINE_integer('per_class', 16, 'samples per class')
@@ -110,4 +110,5 @@ if __name__ == '__main__':
   flags.DEFINE_integer('top_k', 0, 'top-k filter (0: off)')
   flags.DEFINE_float('top_p', 0.0, 'top-p filter (0: off)')
   FLAGS = flags.FLAGS
-  app.run(main)
+  from var_jax import cli
+  cli.run(main)

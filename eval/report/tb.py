@@ -40,7 +40,6 @@ appended to; tb/.digest is written last.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import csv
 import hashlib
@@ -294,11 +293,18 @@ def write(tb_dir: str, key: str, rows: Sequence[Mapping[str, Any]], pareto: Sequ
 
 def rebuild(workdir: str, force: bool = False) -> bool:
   """Rebuilds WORKDIR/tb (and tb_hparams) from the run's tables, frontier.png and samples_*.png as
-  `eval.frontier` would; returns False when they were up to date (and not `force`)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  `eval.frontier` would; returns False when they were up to date (and not `force`). Holds the workdir's
+  lock (train/workdir_lock.py): while a run holds it, `WorkdirBusy` (the run rebuilds tb/ when it ends)."""
+  from train import workdir_lock  # pylint: disable=g-import-not-at-top
   paths = Paths(workdir)
   if not os.path.exists(paths.frontier):
     raise FileNotFoundError(f'{paths.frontier} does not exist: not a finished eval.frontier run')
+  with workdir_lock.hold(workdir):
+    return _rebuild(paths, workdir, force)
+
+
+def _rebuild(paths: Paths, workdir: str, force: bool) -> bool:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
   key = digest([paths.frontier, paths.closed, paths.bounds])
   if not force and up_to_date(paths.tb, key):
     return False
@@ -318,19 +324,18 @@ def rebuild(workdir: str, force: bool = False) -> bool:
 
 
 def main(argv: Sequence[str]) -> None:
-  ap = argparse.ArgumentParser(prog='python -m eval.report.tb',
+  from var_jax import cli  # pylint: disable=g-import-not-at-top
+  ap = cli.ArgumentParser(prog='python -m eval.report.tb',
                                description='Rebuilds WORKDIR/tb (and tb_hparams) from a frontier run\'s tables.')
   ap.add_argument('workdir', help='a finished eval.frontier run directory')
   ap.add_argument('--force', action='store_true', help='rebuild even when the logs are up to date')
   args = ap.parse_args(argv)
   tb_dir = os.path.join(args.workdir, 'tb')
-  try:
-    done = rebuild(args.workdir, force=args.force)
-  except FileNotFoundError as e:
-    raise SystemExit(f'error: {e}') from None
+  done = rebuild(args.workdir, force=args.force)
   print(f'{"rebuilt" if done else "up to date:"} {tb_dir}\nTensorBoard: tensorboard --logdir {tb_dir}  '
         '(open http://localhost:6006/?smoothing=0#timeseries)')
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  from var_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run_main(lambda: main(sys.argv[1:]))

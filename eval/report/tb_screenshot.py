@@ -14,7 +14,6 @@ lines. Needs `chromium` (Debian: apt-get install -y chromium) or --browser.
 """
 from __future__ import annotations
 
-import argparse
 import http.server
 import json
 import os
@@ -29,6 +28,8 @@ import urllib.error
 import urllib.request
 
 from PIL import Image
+
+from var_jax import cli
 
 PAGES = {'timeseries': '/?smoothing=0&runColorGroup=regex:^([^/]%2B)#timeseries',
          'scalars': '/#scalars&_smoothingWeight=0', 'images': '/#images'}
@@ -125,7 +126,7 @@ def shrink(path: str, colours: int = 128) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-  ap = argparse.ArgumentParser(prog='python -m eval.report.tb_screenshot', description=__doc__.split('\n', 1)[0])
+  ap = cli.ArgumentParser(prog='python -m eval.report.tb_screenshot', description=__doc__.split('\n', 1)[0])
   ap.add_argument('logdir')
   ap.add_argument('out', help='PNG to write')
   ap.add_argument('--page', default='timeseries', help=f'one of {sorted(PAGES)} or /path?query#fragment')
@@ -137,11 +138,11 @@ def main(argv: list[str] | None = None) -> None:
                   % ', '.join(BROWSERS))
   ap.add_argument('--timeout_s', type=float, default=120)
   args = ap.parse_args(argv)
+  if not os.path.isdir(args.logdir):
+    raise NotADirectoryError(f'{args.logdir} is not a directory (build it: python -m eval.report.tb WORKDIR)')
   browser = args.browser or next((b for b in BROWSERS if shutil.which(b)), None)
   if not browser:
-    raise SystemExit('no Chromium found: apt-get update && apt-get install -y chromium (or --browser)')
-  if not os.path.isdir(args.logdir):
-    raise SystemExit(f'{args.logdir} is not a directory (build it: python -m eval.report.tb WORKDIR)')
+    raise cli.UserError('no Chromium found: apt-get update && apt-get install -y chromium (or --browser)')
   width, height = (int(v) for v in args.window.split(','))
   port = free_port()
   base = f'http://127.0.0.1:{port}'
@@ -170,4 +171,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-  main()
+  cli.run_main(main)
