@@ -51,7 +51,10 @@ def data_config() -> ml_collections.ConfigDict:
   """Caches: `capture` (a var_jax.capture directory) or `synthetic` (compress.core.synthetic.var_like_qkv)."""
   return ml_collections.ConfigDict({
       'source': 'capture',
-      'path': '',                    # capture directory (source 'capture'); splits 'train' and 'val'
+      'path': '',                    # capture directory (source 'capture')
+      # the split of the trainer's held-out checks: 'dev' (choices are never made on the test split
+      # 'val', which only the final evaluation reads); synthetic caches: their num_val sequences
+      'eval_split': 'dev',
       # source 'synthetic' only: shapes, sizes and seed of the generated caches
       'patch_nums': (1, 2, 3, 4),
       'layers': 2,

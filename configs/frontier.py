@@ -41,6 +41,12 @@ BUDGETS = ('3.125%', '5%', '10%', '15%', '25%', '50%')
 DEFAULT_METHODS = ('full', 'scalekv', 'cam', 'kivi', 'pca', 'attn_matching', 'composed')
 # the main job's learned compressors (lowrank_learned and evict_learned: in `full`)
 LEARNED = ('merge_learned', 'composed_learned')
+# each heuristic family's free setting, chosen per budget on the dev split (tuning.grids): kivi's bit
+# width (the quantiser's rate), pca's split of coefficient dims between keys and values, cam's merge
+# threshold; the others' settings are fixed (docs/frontier.md says why)
+GRIDS = {'kivi': ('bit_width=2', 'bit_width=4', 'bit_width=8'),
+         'pca': ('key_fraction=0.25', 'key_fraction=0.5', 'key_fraction=0.75'),
+         'cam': ('threshold=0.1', 'threshold=0.3', 'threshold=0.5')}
 # the budgets the issue names for the composed compressor (learned ones train at each, 300 steps)
 LEARNED_BUDGETS = ('3.125%', '5%', '10%', '25%', '50%')
 
@@ -64,8 +70,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict({'source': 'default', 'var_ckpt': '', 'vae_ckpt': '',
                                        'converted': '', 'patch_nums': (),   # () = from the checkpoint
                                        'size': 'd16'})
-  # captured caches (var_jax.capture): images = shards x shard_size, two sequences each
-  c.capture = ml_collections.ConfigDict({'train_shards': 4, 'val_shards': 4, 'shard_size': 8, 'seed': 0,
+  # captured caches (var_jax.capture): images = shards x shard_size, two sequences each; train:
+  # calibration and training; dev: every choice of a setting (tuning, the trainer's held-out checks);
+  # val: the test split, read only by the final sweep, bounds and closed loop
+  c.capture = ml_collections.ConfigDict({'train_shards': 4, 'val_shards': 4, 'dev_shards': 2,
+                                         'shard_size': 8, 'seed': 0,
                                          'cfg': 1.5, 'top_k': 0, 'top_p': 0.0, 'dtype': 'float32'})
   # teacher-forced sweep on the validation split
   c.sweep = ml_collections.ConfigDict({
@@ -85,6 +94,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # shared parameters (bases, scorers) are charged to this many served sequences on the frontier's
       # x axis (amortised_bits); 0: the held-out sequences evaluated (the most conservative choice)
       'served_sequences': 0,
+      # a budget is a budget, amortised: each point's per-head budget is lowered by its shared
+      # parameters' share, so that amortised bits <= budget (False: per-head budgets; points whose
+      # amortised bits exceed the budget get a warning in frontier.csv and the log)
+      'fit_amortised': True,
+  })
+  # every baseline at its best: per budget, each candidate setting of a method's grid runs on the dev
+  # split and the best on dev is the one evaluated on val (eval/engine/tuning.py; rows in
+  # WORKDIR/tuning.csv); one rule for every family; methods without a grid keep their settings
+  c.tuning = ml_collections.ConfigDict({
+      'grids': ml_collections.ConfigDict(GRIDS),
+      'dev_sequences': 0,          # 0: the whole dev split
   })
   c.rank_bound = ml_collections.ConfigDict({'settings': ('values', 'kv_entries'), 'curve_points': 24})
   # the rate-distortion curve of Gaussian values with the caches' statistics: a reference, not a bound
@@ -99,7 +119,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # once, there, and uses them at every budget (frontier.csv's trained_bits says where)
       'train_budget': '10%',
       # per-method budget lists that replace `budgets` (e.g. the ones a 10-minute run can train at)
-      'method_budgets': ml_collections.ConfigDict({'composed_learned': ('5%', '10%')}),
+      # composed_learned is trained where training moves its error by more than the interval (3.125,
+      # 5, 10 %: 8-12 % below composed; at 25 and 50 % within it: docs/frontier.md)
+      'method_budgets': ml_collections.ConfigDict({'composed_learned': ('3.125%', '5%', '10%')}),
       # True: a trained run whose checkpoint cannot be read (corrupt, truncated) is moved aside to
       # <folder>.corrupt-<time> and that compressor alone is trained again; False: the run stops and says so
       'retrain_corrupt': False,
@@ -129,7 +151,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.overwrite = False           # True: a run with another config or code is moved aside, then redone
   c.allow_code_change = False   # True: resume a run made with other package sources, keeping its results
   if variant == 'tiny':
-    c.capture.update({'train_shards': 2, 'val_shards': 1, 'shard_size': 4})
+    c.capture.update({'train_shards': 2, 'val_shards': 1, 'dev_shards': 1, 'shard_size': 4})
     c.sweep.methods = ('full', 'oracle', 'window', 'kivi', 'pca')
     c.sweep.budgets = ('12.5%', '25%')
     c.sweep.calibration_sequences = 8
@@ -141,9 +163,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                             'ckpt_every': 10, 'log_every': 5, 'eval_sequences': 8,
                             'calibration_sequences': 8})
     c.closed_loop.update({'methods': ('window',), 'budgets': ('25%',), 'labels': (1,)})
+    c.tuning.grids = ml_collections.ConfigDict({'kivi': ('bit_width=2', 'bit_width=4')})
   elif variant == 'full':
     c.fast_compile = False
-    c.capture.update({'train_shards': 16, 'val_shards': 4})
+    c.capture.update({'train_shards': 16, 'val_shards': 4, 'dev_shards': 4})
     c.sweep.batch = 32
     c.sweep.methods = ('all',)   # every registered non-learned compressor
     c.sweep.budgets = ('2.5%', '5%', '10%', '20%', '35%', '50%')
@@ -158,7 +181,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif variant == 'd16':
     c.fast_compile = False            # run time dominates at this size
     c.model.update({'source': 'random', 'size': 'd16'})
-    c.capture.update({'train_shards': 1, 'val_shards': 2, 'shard_size': 4, 'dtype': 'float16'})
+    # an engine benchmark (random weights unless checkpoints are given): no dev split, nothing tuned
+    c.capture.update({'train_shards': 1, 'val_shards': 2, 'dev_shards': 0, 'shard_size': 4,
+                      'dtype': 'float16'})
+    c.tuning.grids = ml_collections.ConfigDict()
     c.sweep.methods = ('full', 'window', 'snapkv', 'scalekv', 'tome', 'cam', 'kivi', 'pca', 'attn_matching')
     c.sweep.batch = 4                 # 4 sequences of 16 layers x 16 heads x 680 tokens per program call
     c.sweep.calibration_sequences = 8

@@ -124,6 +124,37 @@ def test_interrupted_capture_resumes(model, captured, tmp_path, monkeypatch, whe
   assert digests(out) == digests(captured)
 
 
+def test_dev_split_has_its_own_seeds_and_old_captures_keep_their_identity(model, captured, tmp_path):
+  """Three splits, apart by seed: train seed+i, val seed+1e6+j, dev seed+2e6+j. A capture made without
+  dev (the fixture's) resumes unchanged when asked again without it; asking for dev is another capture."""
+  plan = cap.shard_plan(2, 1, 2, 3, 10, dev_shards=2)
+  seeds = {s: [p['seed'] for p in plan if p['split'] == s] for s in cap.SPLITS}
+  assert seeds == {'train': [3, 4], 'val': [3 + 1_000_000], 'dev': [3 + 2_000_000, 4 + 2_000_000]}
+  assert cap.shard_plan(2, 1, 2, 3, 10)[:3] == plan[:3]          # train and val unchanged by a dev split
+  before = digests(captured)
+  cap.capture(model, captured, **ARGS)
+  assert digests(captured) == before and 'dev' not in json.loads((captured / 'manifest.json').read_text())['splits']
+  with pytest.raises(ValueError, match=r'dev_shards'):
+    cap.capture(model, captured, **ARGS, dev_shards=1)
+  out = tmp_path / 'with_dev'
+  cap.capture(model, out, **{**ARGS, 'train_shards': 1, 'val_shards': 0}, dev_shards=1)
+  dev = cap.CaptureDataset(out, 'dev')
+  assert set(dev.seeds) == {3 + cap.DEV_SEED_OFFSET} and dev.num_sequences == 4
+
+
+def test_trainer_checks_on_dev_never_on_val(tmp_path):
+  """The trainer's held-out split is `data.eval_split` ('dev'); a capture without one is refused with
+  the fix, never silently replaced by the test split."""
+  from configs import compressor as compressor_config
+  from train import compressor_data
+  (tmp_path / 'manifest.json').write_text(json.dumps({'splits': {'train': ['t'], 'val': ['v']}}))
+  data = compressor_config.get_config('default').data
+  data.path = str(tmp_path)
+  assert data.eval_split == 'dev'
+  with pytest.raises(ValueError, match=r'no dev sequences; capture with --dev_shards >= 1.*eval_split=val'):
+    compressor_data.load_data(data)
+
+
 def test_other_arguments_are_refused(model, captured):
   before = digests(captured)
   with pytest.raises(ValueError, match=r'sampling\.cfg \(1\.5 -> 2\.0\).*new --out'):

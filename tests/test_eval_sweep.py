@@ -128,3 +128,34 @@ def test_batches_are_capped_by_bytes_and_the_gaussian_reference_does_not_depend_
   np.testing.assert_allclose(one[0], whole[0], rtol=1e-9, atol=1e-12 * whole[0].max())
   # the total is the energy of float32 reference outputs, computed per batch: float32 rounding
   assert one[1] == pytest.approx(whole[1], rel=1e-6) and one[2] == whole[2]
+
+
+def test_amortised_bits_over_the_budget_are_flagged_or_fitted(data):
+  """pca's shared bases charged to few served sequences put its amortised bits over the budget: the row
+  says so; with the fit (sweep.fit_amortised) its per-head budget is the budget less that share
+  (floor), and the amortised bits then hold. A method without shared parameters is left as it is."""
+  g = CacheGeometry(PN, D)
+  q, k, v = data.slice(0, 6)
+  calib = {'q': q, 'k': k, 'v': v}
+  params = lambda spec, comp: comp.init_params(jax.random.key(0), 2, 2, calibration=calib)
+  spec = sweep.MethodSpec.parse('pca')
+  run = lambda served, **kw: sweep.evaluate_spec(spec, '25%', data, g, params, batch=6, level=0.95,
+                                                 served_sequences=served, **kw)
+  budget = compress.Budget.parse('25%', g).bits
+  shared = run(1)['shared_bits']
+  served = int(np.ceil(shared / (2 * 2 * 0.3 * budget)))       # a share of about 30 % of the budget
+  share = shared / (2 * 2 * served)
+  row = run(served)
+  assert row['budget_bits'] == row['per_head_budget_bits'] == budget
+  assert row['amortised_bits'] == pytest.approx(row['bits'] + share, rel=1e-12)
+  assert row['amortised_bits'] > budget and 'exceed the budget' in row['warning']
+  fit = lambda s, comp: comp.shared_bits(params(s, comp)) / (2 * 2 * served)
+  fitted = run(served, share=fit)
+  assert fitted['budget_bits'] == budget and fitted['per_head_budget_bits'] == int(np.floor(budget - share))
+  assert fitted['bits'] <= fitted['per_head_budget_bits']
+  assert fitted['amortised_bits'] <= budget and fitted['warning'] == ''
+  with pytest.raises(ValueError, match=r'shared parameters alone .* exceed the budget.*served_sequences'):
+    run(1, share=lambda s, comp: comp.shared_bits(params(s, comp)) / 4)    # bases > the whole budget
+  w = sweep.evaluate_spec(sweep.MethodSpec.parse('window'), '25%', data, g, no_params, batch=6, level=0.95,
+                          served_sequences=1, share=lambda s, comp: comp.shared_bits(None) / 4)
+  assert w['per_head_budget_bits'] == budget and w['warning'] == '' and w['shared_bits'] == 0

@@ -7,8 +7,10 @@ r"""Captures VAR's per-layer q, k, v over many labels and seeds as a memory-mapp
     python -m var_jax.capture --out data/capture_d16 --converted=ckpt/d16 ...   # var_jax.convert output
 
 A shard is one `model.generate(labels, seed=shard_seed, return_qkv=True)` batch of `shard_size`
-images; train shard i uses seed `seed + i`, validation shard j seed `seed + 1_000_000 + j` (the split
-is by seed). Every image gives two sequences, the CFG conditional half (rows 0..B-1, `half` 0) then
+images; train shard i uses seed `seed + i`, validation shard j seed `seed + 1_000_000 + j`, dev shard j
+seed `seed + 2_000_000 + j` (the split is by seed). Three splits: `train` (calibration and training),
+`dev` (every choice of a setting: learning rates, bit widths, the trainer's held-out checks) and `val`
+(the held-out test split: read only by the final evaluation). Every image gives two sequences, the CFG conditional half (rows 0..B-1, `half` 0) then
 the unconditional one (rows B..2B-1, `half` 1, run with the null class; `labels` holds the image's
 class for both). Layout of `--out`:
 
@@ -43,6 +45,8 @@ from var_jax.provenance import MANIFEST, manifest_identity, weights_sha256
 __all__ = ('CaptureDataset', 'DTYPES', 'FORMAT', 'KINDS', 'MANIFEST', 'capture', 'merge_entries', 'open_capture',
            'shard_plan')
 VAL_SEED_OFFSET = 1_000_000
+DEV_SEED_OFFSET = 2_000_000
+SPLITS = ('train', 'val', 'dev')
 DTYPES = ('float32', 'float16')
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)   # fixed zip member timestamps: byte-identical .npz files
 
@@ -80,12 +84,14 @@ def _write_json(path: Path, obj: Any) -> None:
 
 # ------------------------------------------------------------------------------ plan and identity
 def shard_plan(train_shards: int, val_shards: int, shard_size: int, seed: int,
-               num_classes: int) -> list[dict[str, Any]]:
+               num_classes: int, dev_shards: int = 0) -> list[dict[str, Any]]:
   """Every shard: {'split', 'name', 'seed', 'labels'}; labels cycle over the classes (val offset by
-  half the classes so a small validation set covers other classes than the first train shards)."""
+  half the classes so a small validation set covers other classes than the first train shards, dev
+  by a quarter)."""
   plan = []
   for split, count, seed0, offset in (('train', train_shards, seed, 0),
-                                      ('val', val_shards, seed + VAL_SEED_OFFSET, num_classes // 2)):
+                                      ('val', val_shards, seed + VAL_SEED_OFFSET, num_classes // 2),
+                                      ('dev', dev_shards, seed + DEV_SEED_OFFSET, num_classes // 4)):
     for i in range(count):
       labels = (i * shard_size + np.arange(shard_size) + offset) % num_classes
       plan.append({'split': split, 'name': f'{split}-{seed0 + i:07d}', 'seed': seed0 + i,
@@ -134,27 +140,29 @@ def _manifest(model: VARModel, plan: list[dict[str, Any]], **args: Any) -> dict[
       'val_seed_offset': VAL_SEED_OFFSET,
       'layout': {'q|k|v': '(2B, N_layers, H, L, D)', 'rows': '0..B-1 conditional (half 0), B..2B-1 '
                  'unconditional (half 1, null class; labels = the image class)'},
-      'splits': {s: [p['name'] for p in plan if p['split'] == s] for s in ('train', 'val')},
+      'splits': {s: [p['name'] for p in plan if p['split'] == s] for s in SPLITS
+                 if s != 'dev' or args.get('dev_shards')},
       'shards': {}}))
 
 
 def open_capture(model: VARModel, out_dir: str | os.PathLike, *, train_shards: int, val_shards: int,
                  shard_size: int, seed: int = 0, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
                  dtype: str = 'float32', source: Mapping[str, Any] | None = None,
-                 write: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                 write: bool = True, dev_shards: int = 0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   """The manifest of the capture in `out_dir` (created if new: `write`; another capture's arguments
   are refused) with the finished shards of an interrupted multi-process capture folded in, and the
   shard plan. `write=False` only reads an existing manifest (a process of a multi-process capture)."""
   if dtype not in DTYPES:
     raise ValueError(f'dtype must be one of {DTYPES}, got {dtype!r}')
-  if min(train_shards, val_shards) < 0 or shard_size < 1 or train_shards + val_shards < 1:
-    raise ValueError(f'need train_shards, val_shards >= 0 (not both 0) and shard_size >= 1; got '
-                     f'{train_shards}, {val_shards}, {shard_size}')
+  if min(train_shards, val_shards, dev_shards) < 0 or shard_size < 1 or train_shards + val_shards < 1:
+    raise ValueError(f'need train_shards, val_shards, dev_shards >= 0 (train and val not both 0) and '
+                     f'shard_size >= 1; got {train_shards}, {val_shards}, {dev_shards}, {shard_size}')
   out, path = Path(out_dir), Path(out_dir) / MANIFEST
-  plan = shard_plan(train_shards, val_shards, shard_size, seed, model.var.cfg.num_classes)
+  plan = shard_plan(train_shards, val_shards, shard_size, seed, model.var.cfg.num_classes, dev_shards)
+  dev = {'dev_shards': int(dev_shards)} if dev_shards else {}      # captures without dev keep their identity
   manifest = _manifest(model, plan, cfg=float(cfg), top_k=int(top_k), top_p=float(top_p), dtype=dtype,
                        shard_size=int(shard_size), seed=int(seed), train_shards=int(train_shards),
-                       val_shards=int(val_shards), source=source)
+                       val_shards=int(val_shards), source=source, **dev)
   if path.is_file():
     old = json.loads(path.read_text())
     diffs = _diff(manifest_identity(old), manifest_identity(manifest))
@@ -193,8 +201,9 @@ _ENTRY = '.entry.json'
 def capture(model: VARModel, out_dir: str | os.PathLike, *, train_shards: int, val_shards: int,
             shard_size: int, seed: int = 0, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
             dtype: str = 'float32', progress: bool = True,
-            source: Mapping[str, Any] | None = None, part: tuple[int, int] = (0, 1)) -> str:
-  """Captures `train_shards + val_shards` shards of `shard_size` images into `out_dir` (resumable).
+            source: Mapping[str, Any] | None = None, part: tuple[int, int] = (0, 1),
+            dev_shards: int = 0) -> str:
+  """Captures `train_shards + val_shards + dev_shards` shards of `shard_size` images into `out_dir` (resumable).
 
   `source` (optional, informational: where the model came from) is stored in the manifest but not
   compared on re-runs; the model's configs and weights_sha256 are. Returns `out_dir`.
@@ -206,7 +215,7 @@ def capture(model: VARModel, out_dir: str | os.PathLike, *, train_shards: int, v
   if not 0 <= index < count:
     raise ValueError(f'part must be (index, count) with 0 <= index < count, got {part}')
   args = dict(train_shards=train_shards, val_shards=val_shards, shard_size=shard_size, seed=seed,
-              cfg=cfg, top_k=top_k, top_p=top_p, dtype=dtype, source=source)
+              cfg=cfg, top_k=top_k, top_p=top_p, dtype=dtype, source=source, dev_shards=dev_shards)
   manifest, plan = open_capture(model, out_dir, **args, write=count == 1)
   out, path = Path(out_dir), Path(out_dir) / MANIFEST
 
@@ -258,7 +267,8 @@ def define_flags(fv: Any = None) -> None:
   d(flags.DEFINE_string, 'vae_ckpt', None, 'official vae_ch160v4096z32.pth (with --var_ckpt)')
   d(flags.DEFINE_string, 'converted', None, 'a directory written by python -m var_jax.convert')
   d(flags.DEFINE_integer, 'train_shards', 8, 'training shards (seeds seed .. seed+n-1)')
-  d(flags.DEFINE_integer, 'val_shards', 2, 'validation shards (seeds seed+1e6 ..)')
+  d(flags.DEFINE_integer, 'val_shards', 2, 'validation (test) shards (seeds seed+1e6 ..)')
+  d(flags.DEFINE_integer, 'dev_shards', 1, 'dev shards for choosing settings (seeds seed+2e6 ..)')
   d(flags.DEFINE_integer, 'shard_size', 4, 'images per shard (one generate batch; 2x sequences)')
   d(flags.DEFINE_integer, 'seed', 0, 'first sampling seed')
   d(flags.DEFINE_float, 'cfg', 1.5, 'classifier-free guidance')
@@ -295,10 +305,10 @@ def main(argv: Sequence[str], fv: Any = None) -> str:
   model, source = load_model(fv)
   out = capture(model, fv.out, train_shards=fv.train_shards, val_shards=fv.val_shards,
                 shard_size=fv.shard_size, seed=fv.seed, cfg=fv.cfg, top_k=fv.top_k, top_p=fv.top_p,
-                dtype=fv.dtype, progress=fv.progress, source=source)
+                dtype=fv.dtype, progress=fv.progress, source=source, dev_shards=fv.dev_shards)
   mib = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file()) / 2**20
-  n_train, n_val = (2 * fv.shard_size * k for k in (fv.train_shards, fv.val_shards))
-  print(f'wrote {out} ({mib:.1f} MiB): {n_train} train + {n_val} val sequences of '
+  n_train, n_val, n_dev = (2 * fv.shard_size * k for k in (fv.train_shards, fv.val_shards, fv.dev_shards))
+  print(f'wrote {out} ({mib:.1f} MiB): {n_train} train + {n_dev} dev + {n_val} val sequences of '
         f'{model.var.cfg.depth} layers x {model.var.cfg.num_heads} heads x {model.var.cfg.seq_len} '
         f'tokens x {model.var.cfg.head_dim}; read with var_jax.capture.CaptureDataset({out!r}, "train")')
   return out

@@ -88,7 +88,7 @@ def main(argv: Sequence[str]) -> None:
   result = frontier.run(F.config, F.workdir, on_stage=lambda stage, _: compile_at.update({stage: log.total_seconds}))
   rows = [r for r in ResultTable(Paths(F.workdir).frontier, sweep.COLUMNS, sweep.KEY).rows
           if r['method'] != 'rank_bound']
-  sweep_compile = compile_at.get('sweep', 0.0) - compile_at.get('capture', 0.0)
+  sweep_compile = compile_at.get('sweep', 0.0) - compile_at.get('tuning', compile_at.get('capture', 0.0))
   figs = figures(result, log, rows, F.workdir, sweep_compile, F.config.sweep.compile_ahead > 0)
   width = max(len(k) for k in figs)
   print('\n'.join(f'{k.ljust(width)}  {v}' for k, v in figs.items()))

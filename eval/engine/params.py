@@ -93,6 +93,22 @@ class Params:
   def trained_compressor(self, spec: MethodSpec, comp: Compressor) -> Compressor:
     return trained_compressor(self.config, spec, comp)
 
+  def share(self, served_sequences: int):
+    """`share(spec, comp)`: bits of `comp`'s shared parameters per (served sequence, layer, head), for
+    `eval.engine.sweep.fitted`. Learned compressors are counted from their initial parameters (training
+    keeps their shapes and dtypes), so nothing is trained at a budget the fit then abandons."""
+    heads = self.num_layers * self.num_heads * served_sequences
+
+    def share(spec: MethodSpec, comp: Compressor) -> float:
+      if comp.learned and not comp.passthrough:
+        calib = self.calibration() if comp.needs_calibration else None
+        p = comp.init_params(jax.random.key(self.config.seed), self.num_layers, self.num_heads,
+                             calibration=calib)
+      else:
+        p = self(spec, comp)
+      return comp.shared_bits(p) / heads
+    return share
+
   def trained_bits(self, spec: MethodSpec, comp: Compressor) -> int:
     """Budget (bits per head) the parameters of `comp` were trained at (0: no trained parameters)."""
     if not comp.learned or comp.passthrough:

@@ -34,12 +34,15 @@ from eval.engine.stats import ratio_ci
 # output; lower_bound_bits / min_error_at_bits: rate-distortion bound (hard instance only);
 # trained_bits: the budget a learned compressor's parameters were trained at (0: none trained);
 # reference: what the errors are relative to (float32 attention over the captured q, k, v, at the
-# capture's dtype: a float16 capture is the reference, not an approximation of a float32 one).
+# capture's dtype: a float16 capture is the reference, not an approximation of a float32 one);
+# per_head_budget_bits: the bits one head's cache was allowed (budget_bits, or less with
+# sweep.fit_amortised: the shared parameters' share taken off); selection: how the setting was chosen
+# ('' = as given; 'best on dev of ...' = the tuning stage's pick, eval/engine/tuning.py).
 COLUMNS = ('dataset', 'method', 'family', 'setting', 'budget', 'oracle', 'learned', 'deployable',
            'budget_bits', 'bits', 'bits_mean', 'bits_per_coordinate', 'fraction_of_fp16', 'shared_bits',
            'served_sequences', 'amortised_bits', 'amortised_bits_per_coordinate', 'rel_error', 'rel_error_ci_low', 'rel_error_ci_high', 'rel_error_per_layer',
            'rel_error_per_scale', 'num_sequences', 'num_units', 'lower_bound_bits', 'min_error_at_bits',
-           'seconds', 'warning', 'trained_bits', 'reference')
+           'seconds', 'warning', 'trained_bits', 'reference', 'per_head_budget_bits', 'selection')
 ZERO_ENTRIES = 'keeps 0 entries at this budget: every output comes from the current scale alone'
 KEY = ('dataset', 'method', 'setting', 'budget')
 FULL_BUDGET = 'full'      # the budget label of the full-cache reference point
@@ -210,10 +213,35 @@ def warm_point(comp: compress.Compressor, params: Any, data: CacheSet, batch: in
                             compiler_options=compiler_options)
 
 
-def make_point(spec: MethodSpec, budget: Any, geometry: CacheGeometry,
-               params_fn: Callable[[MethodSpec, compress.Compressor], Any]) -> tuple[compress.Compressor, Any]:
-  """The compressor of `spec` at `budget` (FULL_BUDGET: the full cache) and its parameters."""
+def fitted(spec: MethodSpec, budget: Any, geometry: CacheGeometry,
+           share: Callable[[MethodSpec, compress.Compressor], float] | None = None) -> compress.Compressor:
+  """The compressor of `spec` at `budget` (FULL_BUDGET: the full cache). With `share(spec, comp)` (its
+  shared parameters' bits per (served sequence, layer, head)) the per-head budget is lowered until
+  per-head budget + share fits `budget`: amortised bits never exceed the budget (sweep.fit_amortised)."""
   comp = spec.make(geometry, compress.Budget(geometry.full_bits) if budget == FULL_BUDGET else budget)
+  if share is None or budget == FULL_BUDGET or comp.passthrough:
+    return comp
+  limit = comp.budget.bits
+  for _ in range(8):                              # the share may depend on the budget: settle it
+    part = share(spec, comp)
+    new = int(np.floor(limit - part))
+    if new >= comp.budget.bits:
+      return comp
+    if new < 1:
+      raise ValueError(f'{spec} at {budget}: its shared parameters alone ({part:.0f} bits per sequence, '
+                       f'layer and head) exceed the budget of {limit} bits; serve more sequences '
+                       '(sweep.served_sequences), or run it at its per-head budget, flagged '
+                       '(sweep.fit_amortised=False)')
+    comp = spec.make(geometry, compress.Budget(new))
+  return comp
+
+
+def make_point(spec: MethodSpec, budget: Any, geometry: CacheGeometry,
+               params_fn: Callable[[MethodSpec, compress.Compressor], Any],
+               share: Callable[[MethodSpec, compress.Compressor], float] | None = None
+               ) -> tuple[compress.Compressor, Any]:
+  """The compressor of `spec` at `budget` (fitted with `share`, see `fitted`) and its parameters."""
+  comp = fitted(spec, budget, geometry, share)
   return comp, params_fn(spec, comp)
 
 
@@ -228,6 +256,13 @@ def summarize(d2_nNK: np.ndarray, e2_nNK: np.ndarray, units: np.ndarray, level: 
           'rel_error_per_layer': [float(x) for x in safe(d2_nNK.sum((0, 2)), e2_nNK.sum((0, 2)))],
           'rel_error_per_scale': [float(x) for x in safe(d2_nNK.sum((0, 1)), e2_nNK.sum((0, 1)))],
           'num_sequences': int(d2_nNK.shape[0]), 'num_units': int(d2_u.size)}
+
+
+def over_budget(amortised_bits: float, budget_bits: int) -> str:
+  """The `warning` of a point whose amortised bits exceed its budget."""
+  return (f'amortised bits {amortised_bits:.0f} exceed the budget {budget_bits} by '
+          f'{100 * (amortised_bits / max(budget_bits, 1) - 1):.1f} % (shared parameters); '
+          'sweep.fit_amortised=True fits them in')
 
 
 def bits_columns(bits: float, geometry: CacheGeometry, shared_bits: int = 0, heads: int = 1,
@@ -245,28 +280,36 @@ def bits_columns(bits: float, geometry: CacheGeometry, shared_bits: int = 0, hea
 def evaluate_spec(spec: MethodSpec, budget: Any, data: CacheSet, geometry: CacheGeometry,
                   params_fn: Callable[[MethodSpec, compress.Compressor], Any], *, batch: int, level: float,
                   dataset: str = 'val', served_sequences: int = 0, compiler_options=None,
-                  trained_bits: Callable[[MethodSpec, compress.Compressor], int] | None = None
-                  ) -> dict[str, Any]:
+                  trained_bits: Callable[[MethodSpec, compress.Compressor], int] | None = None,
+                  share: Callable[[MethodSpec, compress.Compressor], float] | None = None,
+                  selection: str = '') -> dict[str, Any]:
   """One frontier.csv row: `spec` at `budget` (FULL_BUDGET: the full cache) over `data`; shared bits
   are amortised over `served_sequences` (0: the held-out sequences evaluated); `compiler_options` for
   the point's program (compress.core.teacher_forced.fast_compile_options()); `trained_bits(spec, comp)`:
-  the budget its parameters were trained at (default: its own budget when learned)."""
+  the budget its parameters were trained at (default: its own budget when learned); `share`: fit the
+  amortised bits into the budget (`fitted`); `selection`: how the setting was chosen (a column).
+  A deployable point whose amortised bits exceed its budget gets a `warning` (also logged)."""
   t0 = time.perf_counter()
-  comp, params = make_point(spec, budget, geometry, params_fn)
+  comp, params = make_point(spec, budget, geometry, params_fn, share)
   res = run_point(comp, params, data, batch, compiler_options)
   bits = float(res['peak_bits'].max())
   summary = summarize(res['d2'], res['e2'], data.units, level)
   if not np.isfinite(summary['rel_error']):
     raise FloatingPointError(f'{spec} at budget {budget}: non-finite attention outputs')
   cls = type(comp)
-  warning = ZERO_ENTRIES if res['peak_entries'] == 0 else ''
+  limit = comp.budget.bits if budget == FULL_BUDGET else compress.Budget.parse(budget, geometry).bits
+  columns = bits_columns(bits, geometry, comp.shared_bits(params), data.num_layers * data.num_heads,
+                         served_sequences or data.num_sequences)
+  warnings = [ZERO_ENTRIES] if res['peak_entries'] == 0 else []
+  if not cls.oracle and budget != FULL_BUDGET and columns['amortised_bits'] > limit:
+    warnings.append(over_budget(columns['amortised_bits'], limit))
+  warning = '; '.join(warnings)
   if warning:
-    logging.warning('%s at budget %s (%d bits): %s', spec, budget, comp.budget.bits, warning)
+    logging.warning('%s at budget %s (%d bits): %s', spec, budget, limit, warning)
   return {'dataset': dataset, 'method': spec.name, 'family': cls.family, 'setting': spec.setting,
           'budget': budget, 'oracle': cls.oracle, 'learned': cls.learned, 'deployable': not cls.oracle,
-          'budget_bits': comp.budget.bits, 'bits': int(bits), 'bits_mean': float(res['peak_bits'].mean()),
-          **bits_columns(bits, geometry, comp.shared_bits(params), data.num_layers * data.num_heads,
-                         served_sequences or data.num_sequences), **summary,
+          'budget_bits': limit, 'bits': int(bits), 'bits_mean': float(res['peak_bits'].mean()),
+          **columns, **summary, 'per_head_budget_bits': comp.budget.bits, 'selection': selection,
           'seconds': time.perf_counter() - t0, 'warning': warning,
           'reference': f'float32 attention over the {data.dtype} captured q, k, v',
           'trained_bits': (trained_bits(spec, comp) if trained_bits else

@@ -7,7 +7,9 @@ r"""The memory-error Pareto frontier of KV-cache compressors against the lower b
 
 Stages (model mode; each resumes from what the workdir holds, nothing earlier is deleted):
  1. model      config.model: the built-in default, official checkpoints or a converted directory.
- 2. capture    WORKDIR/capture: q, k, v of generated images (var_jax.capture; train / val splits).
+ 2. capture    WORKDIR/capture: q, k, v of generated images (var_jax.capture; train / dev / val splits:
+               train calibrates and trains, dev chooses settings, val is read only by the sweep,
+               bounds and closed loop).
  3. params     calibrated compressors on the train split; learned ones trained on demand into
                WORKDIR/train/ (train.compressor) or loaded from config.learned.checkpoint_root.
  4. sweep      every method x setting x budget teacher forced on the val split -> frontier.csv, one
@@ -29,22 +31,21 @@ import os
 import time
 from typing import Any, Callable, Sequence
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
 import compress
 from compress.core.budget import Budget, CacheGeometry
-from eval.quality import closed_loop
-from eval.frontier import distributed
-from eval.engine import exact_store, sweep
-from eval.bounds import gaussian_reference, hard, rank_bound
-from eval.report import pareto, plots, tb
-from eval.engine.points import run_points
+from eval.bounds import hard
+from eval.engine import exact_store, sweep, tuning
 from eval.engine.params import Params
+from eval.engine.points import run_points
 from eval.engine.results import Paths, ResultTable, write_table
 from eval.engine.sweep import FULL_BUDGET, MethodSpec
+from eval.frontier import distributed
+from eval.frontier.stages import bounds_stage, capture_stage, closed_loop_stage, load_model
+from eval.report import pareto, plots, tb
 
 ALL = 'all'          # in a methods list: every registered compressor of that kind
 # Config keys that may change between runs in one workdir: they only add (or drop) points, each of
@@ -98,76 +99,33 @@ def point_compiler_options(config: ml_collections.ConfigDict):
   return fast_compile_options() if config.fast_compile else None
 
 
-def ahead(config: ml_collections.ConfigDict, data: sweep.CacheSet, geometry: CacheGeometry,
-          params: Params, batch: int) -> Callable[[MethodSpec, Any], Callable[[], None]]:
-  """`prepare` for eval.engine.points.run_points: makes a point and returns its compile (runs nothing)."""
-  options = point_compiler_options(config)
+def share_of(config: ml_collections.ConfigDict, params: Params, served: int):
+  """The shared-bits share that fits a point's amortised bits into its budget (sweep.fit_amortised),
+  or None (the budget is per head; points over it get a warning)."""
+  if not config.sweep.get('fit_amortised', False):
+    return None
+  return params.share(served)
+
+
+def point_fns(config: ml_collections.ConfigDict, data: sweep.CacheSet, geometry: CacheGeometry,
+              params: Params, batch: int, served: int, dataset: str,
+              selection: dict[tuple[str, Any], str] | None = None) -> tuple[Callable, Callable]:
+  """(evaluate, prepare) of the points on `data` for eval.engine.points.run_points: a row, and a
+  compile-ahead (makes the point, returns its compile; runs nothing). Shared bits are amortised over
+  `served` sequences; `selection`: {(str(spec), budget): how its setting was chosen}."""
+  options, share = point_compiler_options(config), share_of(config, params, served)
+  evaluate = lambda spec, b: sweep.evaluate_spec(
+      spec, b, data, geometry, params, batch=batch, level=config.confidence, dataset=dataset,
+      served_sequences=served, compiler_options=options, trained_bits=params.trained_bits, share=share,
+      selection=(selection or {}).get((str(spec), b), ''))
 
   def prepare(spec: MethodSpec, budget: Any) -> Callable[[], None]:
-    comp, p = sweep.make_point(spec, budget, geometry, params)
+    comp, p = sweep.make_point(spec, budget, geometry, params, share)
     return lambda: sweep.warm_point(comp, p, data, batch, options)
-  return prepare
+  return evaluate, prepare
 
 
 # ---------------------------------------------------------------------------- model mode
-def load_model(mc: ml_collections.ConfigDict) -> Any:
-  import var_jax  # pylint: disable=g-import-not-at-top
-  pn = tuple(mc.patch_nums) or None
-  if mc.source == 'default':
-    return var_jax.load_default()
-  if mc.source == 'random':        # official architecture and schedule, random weights (benchmarks)
-    from var_jax.api import VARModel  # pylint: disable=g-import-not-at-top
-    from var_jax.random_init import random_models  # pylint: disable=g-import-not-at-top
-    return VARModel(*random_models(mc.get('size', 'd16'), 0))
-  if mc.source == 'official':
-    if not (mc.var_ckpt and mc.vae_ckpt):
-      raise ValueError('model.source "official" needs --config.model.var_ckpt=var_d16.pth and '
-                       '--config.model.vae_ckpt=vae_ch160v4096z32.pth')
-    return var_jax.load_official(mc.var_ckpt, mc.vae_ckpt, pn)
-  if mc.source == 'converted':
-    if not mc.converted:
-      raise ValueError('model.source "converted" needs --config.model.converted=DIR (python -m var_jax.convert)')
-    return var_jax.load_converted(mc.converted)
-  raise ValueError(f'model.source must be "default", "official", "converted" or "random" (with model.size), '
-                   f'got {mc.source!r}')
-
-
-def capture_stage(config: ml_collections.ConfigDict, model: Any, path: str,
-                  cluster: distributed.Cluster = distributed.SINGLE) -> None:
-  from var_jax import capture  # pylint: disable=g-import-not-at-top
-  c = config.capture
-  if os.path.exists(os.path.join(path, capture.MANIFEST)):
-    logging.info('capture: reusing %s (its manifest is checked against config.capture)', path)
-  distributed.capture(cluster, model, path, train_shards=c.train_shards, val_shards=c.val_shards,
-                      shard_size=c.shard_size, seed=c.seed, cfg=c.cfg, top_k=c.top_k, top_p=c.top_p,
-                      dtype=c.dtype, progress=config.progress, source={'kind': config.model.source})
-
-
-def bounds_stage(config, table, data, geometry, jobs, batch: int) -> list[dict]:
-  """Rank-bound rows at every budget of the sweep (appended if missing) and curves for the plot: the
-  rank bound (for caches of full-precision entries only) and the Gaussian ideal-code reference."""
-  curves = []
-  if config.get('gaussian_reference', True):
-    c = gaussian_reference.curve(data, geometry, batch)
-    curves.append({'dataset': 'val', 'bound': 'gaussian_ideal_code', 'label': gaussian_reference.LABEL,
-                   'setting': 'keys_free', 'applies_to': 'reference', **c})
-  if not config.rank_bound.settings:
-    return curves
-  budgets = sorted({(str(b), Budget.parse(b, geometry).bits) for _, b in jobs if b != FULL_BUDGET},
-                   key=lambda x: x[1])
-  bound = rank_bound.RankBound(data, batch)
-  for row in rank_bound.rows(bound, geometry, budgets, tuple(config.rank_bound.settings)):
-    if row not in table:
-      table.append(row)
-  for s in config.rank_bound.settings:
-    c = bound.curve(geometry, s, config.rank_bound.curve_points)
-    curves.append({'dataset': 'val', 'bound': 'rank_bound', 'label': f'rank bound ({s}; full-precision entries)',
-                   'setting': s, 'families': rank_bound.ENTRY_FAMILIES,
-                   'applies_to': ' '.join(rank_bound.ENTRY_FAMILIES), 'bits': c['bits'],
-                   'bits_per_coordinate': c['bits'] / geometry.coordinates, 'rel_error': c['rel_error']})
-  return curves
-
-
 def check_methods(config: ml_collections.ConfigDict) -> None:
   """Method lists and sweep sizes of the model mode are valid (before the model is even loaded)."""
   for key, low in (('batch', 1), ('batch_bytes', 0), ('compile_ahead', 0)):
@@ -185,40 +143,6 @@ def check_methods(config: ml_collections.ConfigDict) -> None:
     raise ValueError('closed_loop.methods is set but closed_loop.labels, .seeds or .budgets is empty')
 
 
-def closed_loop_stage(config, paths: Paths, model, geometry, params: Params) -> tuple[list, dict]:
-  """closed_loop.csv rows and {name: image grid} (full cache | method at each budget)."""
-  cl = config.closed_loop
-  specs = sweep.parse_methods(list(cl.methods))
-  if not specs:
-    return [], {}
-  table = ResultTable(paths.closed, closed_loop.COLUMNS, closed_loop.KEY)
-  gen = {'cfg': cl.cfg, 'top_k': cl.top_k, 'top_p': cl.top_p}
-  os.makedirs(paths.samples, exist_ok=True)
-  img_path = lambda name: os.path.join(paths.samples, f'{tb.tag(name).replace("/", "_")}.npy')
-  ref = None
-  for spec in specs:
-    for budget in cl.budgets:
-      if {'method': spec.name, 'setting': spec.setting, 'budget': budget} in table:
-        continue
-      if ref is None:
-        ref = closed_loop.full_reference(model, cl.labels, cl.seeds, gen)
-        np.save(img_path('full'), np.round(ref['images'] * 255).astype(np.uint8))
-      comp = spec.make(geometry, budget)
-      row, images = closed_loop.evaluate_policy(model, comp, params(spec, comp), spec.setting, budget, ref,
-                                                cl.labels, cl.seeds, gen, config.confidence)
-      np.save(img_path(f'{spec}@{budget}'), np.round(images * 255).astype(np.uint8))
-      table.append(row)
-      jax.clear_caches()              # this policy's generation steps are not used again
-  grids = {}
-  for spec in specs:
-    cols = [img_path('full')] + [img_path(f'{spec}@{b}') for b in cl.budgets]
-    if all(os.path.exists(p) for p in cols):
-      grid = plots.image_grid([np.load(p) / 255.0 for p in cols])
-      plots.save_png(grid, os.path.join(paths.workdir, f'samples_{tb.tag(str(spec))}.png'), scale=2)
-      grids[f'val/{spec}'] = grid
-  return table.rows, grids
-
-
 def run_model(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable[[str], None],
               on_stage: Callable[[str, float], None] | None = None,
               cluster: distributed.Cluster = distributed.SINGLE) -> dict:
@@ -231,6 +155,7 @@ def run_model(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable
   model = load_model(config.model)
   geometry = CacheGeometry(model.patch_nums, model.var.cfg.head_dim, config.kv_dtype)
   jobs = sweep_jobs(config, geometry)
+  tuning.check(config, jobs)
   for b in config.closed_loop.budgets:
     Budget.parse(b, geometry)
   if cluster.lead:
@@ -249,34 +174,49 @@ def run_model(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable
   if not config.closed_loop.methods:
     model = None                  # only the closed loop generates again: free the weights (1.6 GB at d16)
   done('capture')
-  val = CaptureDataset(paths.capture, 'val')
-  data = sweep.CacheSet.from_dataset(val, config.sweep.val_sequences)
-  batch = data.capped_batch(config.sweep.batch, config.sweep.batch_bytes)
-  if batch < config.sweep.batch:
-    logging.info('sweep: %d sequences per batch instead of sweep.batch=%d (%.0f MB each; sweep.batch_bytes=%d)',
-                 batch, config.sweep.batch, data.sequence_bytes() / 1e6, config.sweep.batch_bytes)
-  distributed.references(cluster, data, batch,
-                         lambda: exact_store.for_run(paths.workdir, paths.capture, data.num_sequences))
+  # train and dev first: settings chosen on dev, learned compressors trained; val is opened after
   train = CaptureDataset(paths.capture, 'train')
   n_cal = min(config.sweep.calibration_sequences or train.num_sequences, train.num_sequences)
   params = Params(config, paths.workdir, paths.capture, lambda: train.get(np.arange(n_cal)),
-                  data.num_layers, data.num_heads)
+                  train.num_layers, train.num_heads)
+  served = config.sweep.served_sequences or tuning.val_sequences(config, paths.capture)
+  dev = tuning.dev_set(paths.capture, config.get('tuning', {}).get('dev_sequences', 0))
+  if dev is None and tuning.grids(config):
+    raise ValueError('tuning.grids chooses settings on the dev split, which this capture lacks: set '
+                     'capture.dev_shards >= 1 (a new --workdir), or tuning.grids={} to tune nothing')
+  batch = sweep.CacheSet.from_dataset(train).capped_batch(config.sweep.batch, config.sweep.batch_bytes)
+  if batch < config.sweep.batch:
+    logging.info('sweep: %d sequences per batch instead of sweep.batch=%d (sweep.batch_bytes=%d)',
+                 batch, config.sweep.batch, config.sweep.batch_bytes)
+  selection, failed = {}, []
+  if dev is not None:
+    tuning_path = os.path.join(paths.workdir, tuning.TUNING_FILE)
+    if cluster.lead:
+      evaluate_dev, prepare_dev = point_fns(config, dev, geometry, params, batch, served, 'dev')
+      jobs, selection, failed = tuning.tuned_jobs(config, jobs, evaluate_dev, tuning_path, prepare_dev)
+    cluster.barrier('tuned')
+    if not cluster.lead:                   # the lead's choices, read back (nothing left to compute)
+      jobs, selection, _ = tuning.tuned_jobs(config, jobs, lambda *a: {}, tuning_path)
   table = ResultTable(paths.frontier, sweep.COLUMNS, sweep.KEY)
   mine, my_jobs = distributed.my_points(cluster, table, jobs)   # (table, jobs) with one process
-  evaluate = lambda spec, b: sweep.evaluate_spec(spec, b, data, geometry, params, batch=batch,
-                                                 level=config.confidence,
-                                                 served_sequences=config.sweep.served_sequences,
-                                                 compiler_options=point_compiler_options(config),
-                                                 trained_bits=params.trained_bits)
-  failed = run_points(mine, my_jobs, evaluate, config.progress, 'val',
-                      ahead(config, data, geometry, params, batch), config.sweep.compile_ahead)
+  closed_jobs = [(s, b) for s in sweep.parse_methods(list(config.closed_loop.methods))
+                 for b in config.closed_loop.budgets] if cluster.lead else []
+  tuning.train_learned(my_jobs, closed_jobs, geometry, params, share_of(config, params, served))
+  done('tuning')
+  val = CaptureDataset(paths.capture, 'val')
+  data = sweep.CacheSet.from_dataset(val, config.sweep.val_sequences)
+  distributed.references(cluster, data, batch,
+                         lambda: exact_store.for_run(paths.workdir, paths.capture, data.num_sequences))
+  evaluate, prepare_val = point_fns(config, data, geometry, params, batch, served, 'val', selection)
+  failed += run_points(mine, my_jobs, evaluate, config.progress, 'val', prepare_val,
+                       config.sweep.compile_ahead)
   table = distributed.gather_points(cluster, table)
   if table is None:                    # a process other than the lead: the rest is the lead's
     return {'failed': failed, 'seconds': time.time() - t0, 'stages': stages}
   done('sweep')
   curves = bounds_stage(config, table, data, geometry, jobs, batch)
   done('bounds')
-  closed, grids = closed_loop_stage(config, paths, model, geometry, params)
+  closed, grids = closed_loop_stage(config, paths, model, geometry, params, share_of(config, params, served))
   done('closed_loop')
   finish(config, paths, table.rows, curves, closed, grids, 'VAR KV cache')
   done('outputs')
@@ -367,3 +307,4 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     cluster = distributed.init(config)
     with workdir_lock.hold(workdir, enabled=lead is None and cluster.lead):
       return run_model(config, paths, prepare, on_stage, cluster)
+

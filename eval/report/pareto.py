@@ -17,6 +17,13 @@ COLUMNS = ('frontier', 'dataset', 'method', 'family', 'setting', 'budget', 'bits
            'fraction_of_fp16', 'shared_bits', 'amortised_bits', 'amortised_bits_per_coordinate', 'rel_error',
            'rel_error_ci_low', 'rel_error_ci_high')
 X = 'amortised_bits'       # a point's memory: per-head bits plus its share of the shared parameters
+BEST = 'best'              # the curve setting of a method whose setting was chosen per budget on dev
+
+
+def curve_setting(row: Mapping[str, Any]) -> str:
+  """The setting a row's curve is drawn under: its own, or BEST when the tuning stage chose it per
+  budget (frontier.csv `selection`): one curve per method, whatever it picked at each budget."""
+  return BEST if row.get('selection') else row['setting']
 
 
 def lower_envelope(bits: Sequence[float], err: Sequence[float]) -> list[int]:

@@ -60,11 +60,12 @@ def frontier_figure(rows: Sequence[Mapping[str, Any]], pareto: Sequence[Mapping[
     mine = [r for r in points if r['dataset'] == dataset and (fams is None or r['family'] in fams)]
     series = collections.defaultdict(list)
     for r in mine:
-      series[(r['family'], r['method'], r['setting'])].append(r)
+      series[(r['family'], r['method'], pareto_lib.curve_setting(r))].append(r)
     for (fam, method, setting), pts in sorted(series.items()):
       pts = sorted(pts, key=x_of)
       oracle = str(pts[0]['oracle']).lower() == 'true'
-      label = method if setting == 'default' else f'{method}({setting})'
+      label = (method if setting == 'default' else f'{method} (best on dev)' if setting == pareto_lib.BEST
+               else f'{method}({setting})')
       ax.plot([x_of(r) for r in pts], [y(r) for r in pts], '-',
               color=colours[fam], marker=marker[method], alpha=0.85, lw=1,
               mfc='none' if oracle else colours[fam], label=label + (' [oracle]' if oracle else ''))

@@ -181,7 +181,7 @@ def series(rows: Sequence[Mapping[str, Any]], pareto: Sequence[Mapping[str, Any]
     if r['family'] == 'bound':                       # frontier.csv's bound rows: the same curve, at the budgets
       add_curve(r['dataset'], curve_run(r['method'], r['setting']), r, 'all')
       continue
-    run = run_name(r['family'], r['method'], r['setting'])
+    run = run_name(r['family'], r['method'], pareto_lib.curve_setting(r))
     methods[r['dataset'], run].append(xy(r))
     family_of[run] = r['family']
     rows_of[r['dataset'], r['family']].append(r)
