@@ -49,3 +49,19 @@ def run_scales(comp: compress.Compressor, params: Any, q_BHLD: jax.Array, k_BHLD
     out, state = comp.step(params, state, q_BHLD[:, :, sl], k_BHLD[:, :, sl], v_BHLD[:, :, sl], si, ctx)
     outs.append(out)
   return jnp.concatenate(outs, axis=2), state
+
+
+@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST)
+def run_scales_states(comp: compress.Compressor, params: Any, q_BHLD: jax.Array, k_BHLD: jax.Array,
+                      v_BHLD: jax.Array) -> tuple[jax.Array, list[Any]]:
+  """`run_scales`, returning the state after every scale (a list; their shapes may differ by scale)."""
+  g = comp.geometry
+  state = comp.init_state(q_BHLD.shape[0], q_BHLD.shape[1])
+  outs, states = [], []
+  for si, (start, S) in enumerate(zip(g.scale_starts, g.scale_sizes)):
+    sl = slice(start, start + S)
+    ctx = compress.StepContext(future_q=q_BHLD[:, :, start + S:] if comp.oracle else None)
+    out, state = comp.step(params, state, q_BHLD[:, :, sl], k_BHLD[:, :, sl], v_BHLD[:, :, sl], si, ctx)
+    outs.append(out)
+    states.append(state)
+  return jnp.concatenate(outs, axis=2), states

@@ -18,7 +18,7 @@ import compress
 from compress.core.accounting import COUNT_DTYPE, dtype_bits, tree_bits
 from compress.core.budget import Budget, CacheGeometry
 from compress.core.slots import Slots
-from fast_jit import run_scales
+from fast_jit import run_scales, run_scales_states
 
 G = CacheGeometry((1, 2, 3), head_dim=16)               # fp16 cache; 5 tokens at the peak
 B, H = 2, 2
@@ -78,3 +78,29 @@ def test_pca_counts_its_count_and_stays_within_budget():
   zero = compress.make('pca', G, Budget(T * cb + 15))  # not even one dim beside the count: rank 0,
   assert zero.plan()[1:] == (0, 0)                      # nothing stored, nothing to count
   assert zero.init_compressed(1, 1).allocated_bits() == 0
+
+
+@pytest.mark.parametrize('name', ['composed', 'composed_learned'])
+@pytest.mark.parametrize('budget,keep', [('10%', 0.0), ('40%', 0.0), ('40%', 0.4), ('65%', 1.0), ('1%', 0.0)])
+def test_composed_bits_at_every_scale_equal_its_arrays(name, budget, keep):
+  """composed's layout changes by scale (exact fp16 while the tokens fit, then codes that narrow, then
+  merged slots with sizes: compress/composed/schedule.py): after EVERY scale its state's arrays are
+  exactly what bits() counts, the planned stage's bits, and within the budget. (1 %: scale 0's token
+  coded, then nothing: an empty cache, whose count follows from the schedule.)"""
+  g = CacheGeometry((1, 2, 3, 4), head_dim=8)
+  q, k, v = compress.synthetic.var_like_qkv(jax.random.key(2), g.patch_nums, layers=1, batch=B, heads=H,
+                                            head_dim=g.head_dim)
+  comp = compress.make(name, g, budget, keep=keep)
+  params = comp.init_params(jax.random.key(1), 1, H, calibration={'q': q, 'k': k, 'v': v})
+  _, states = run_scales_states(comp, jax.tree.map(lambda x: x[0], params), q[0], k[0], v[0])
+  plan = comp.stages()
+  modes = {s.mode for s in plan}
+  assert modes == ({'coded', 'empty'} if budget == '1%' else {'exact', 'coded'}), plan
+  for si, (stage, state) in enumerate(zip(plan + plan[-1:], states)):   # the last scale keeps the state
+    bits = np.asarray(comp.bits(state))
+    where = f'{name} at {budget}, keep {keep}, after scale {si}: {stage}'
+    implied = dtype_bits(COUNT_DTYPE) if state.count_implied else 0
+    assert state.count_implied == (stage.mode == 'empty'), where
+    assert np.all(bits == stage.bits()) and stage.bits() <= comp.budget.bits, (where, bits)
+    assert tree_bits(state) // (B * H) - implied == stage.bits(), where
+    np.testing.assert_array_equal(np.asarray(state.count), state.capacity, err_msg=where)

@@ -77,6 +77,26 @@ def test_whole_schedule_equals_per_scale_steps(name, qkv):
   np.testing.assert_array_equal(np.asarray(fused['peak_bits']), want_bits.max(-1), err_msg=name)
 
 
+@pytest.mark.parametrize('budget,keep', [('40%', 0.0), ('25%', 0.4)])
+def test_composed_stages_in_the_whole_schedule(budget, keep):
+  """composed's state changes shape by scale (exact, coded, merged: compress/composed/schedule.py): the
+  whole-schedule program holds, after every scale, the planned stage's bits (within the budget), as
+  the per-scale steps do, with the same outputs."""
+  g = CacheGeometry((1, 2, 3, 4), D)
+  q, k, v = synthetic.var_like_qkv(jax.random.key(3), g.patch_nums, layers=2, batch=2, heads=2, head_dim=D)
+  comp = compress.make('composed', g, budget, keep=keep)
+  params = comp.init_params(jax.random.key(0), 2, 2, calibration={'q': q, 'k': k, 'v': v})
+  plan = comp.stages()
+  assert len({(s.mode, s.slots, s.entry_bits) for s in plan}) == len(plan)      # every scale its own layout
+  want_out, want_bits = per_scale(comp, params, q, k, v)
+  res = compress.run_teacher_forced(comp, params, q, k, v, compiler_options=FAST)
+  np.testing.assert_allclose(np.asarray(res['out']), want_out, rtol=1e-5, atol=1e-6)
+  planned = np.array([s.bits() for s in plan + plan[-1:]])                      # the last scale keeps it
+  np.testing.assert_array_equal(np.asarray(res['bits']), np.broadcast_to(planned, want_bits.shape))
+  np.testing.assert_array_equal(want_bits, np.asarray(res['bits']))
+  assert planned.max() <= comp.budget.bits
+
+
 class CompileCounter:
   """Counts XLA backend compiles (jax.monitoring events) while active."""
 

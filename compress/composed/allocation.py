@@ -11,16 +11,19 @@ weighted distortion (optimal for these convex curves: reverse water-filling rest
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from compress.composed.bitstream import MAX_WIDTH
 
-# Uniform quantiser of a unit Gaussian with 2^w levels at its MSE-optimal step (Max 1960; w = 0: the
-# component is dropped and read back as its mean): step and mean squared error, both per unit variance.
-GAUSS_STEP = np.array([1.0, 1.596, 0.9957, 0.5860, 0.3352, 0.1881, 0.1041, 0.0569, 0.0308])
-GAUSS_MSE = np.array([1.0, 0.3634, 0.1188, 0.03744, 0.01154, 0.00349, 0.001035, 0.0003011, 0.0000863])
+# Uniform quantiser of a unit Gaussian with 2^w levels at its MSE-optimal step (w = 0: the component is
+# dropped and read back as its mean): step and mean squared error, both per unit variance. w <= 8: Max
+# (1960); w = 9..16: the optimum computed numerically (tests/test_composed.py recomputes every entry).
+GAUSS_STEP = np.array([1.0, 1.596, 0.9957, 0.5860, 0.3352, 0.1881, 0.1041, 0.0569, 0.0308,
+                       0.0165, 0.008785, 0.00465, 0.002448, 0.001284, 0.0006705, 0.0003491, 0.0001812])
+GAUSS_MSE = np.array([1.0, 0.3634, 0.1188, 0.03744, 0.01154, 0.00349, 0.001035, 0.0003011, 0.0000863,
+                      2.492e-05, 6.997e-06, 1.944e-06, 5.355e-07, 1.464e-07, 3.974e-08, 1.073e-08, 2.881e-09])
 
 
 def head_statistics(calibration: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -50,32 +53,48 @@ def head_statistics(calibration: Mapping[str, Any]) -> dict[str, np.ndarray]:
 def allocate(weighted_var_XR: np.ndarray, num_bits: int, max_width: int = MAX_WIDTH) -> np.ndarray:
   """Integer widths (X, R) in [0, max_width] with sum <= num_bits per row minimising
   sum_j weighted_var_j * GAUSS_MSE[w_j] (greedy: each bit goes where it removes most)."""
+  return allocate_nested(weighted_var_XR, (num_bits,), max_width)[0]
+
+
+def allocate_nested(weighted_var_XR: np.ndarray, num_bits: Sequence[int], max_width: int = MAX_WIDTH
+                    ) -> np.ndarray:
+  """`allocate` at every budget of `num_bits` from one greedy run: (len(num_bits), X, R). The greedy
+  allocation at fewer bits is a prefix of the one at more, so the widths are nested."""
   wv = np.asarray(weighted_var_XR, np.float64)
   X, R = wv.shape
   width = np.zeros((X, R), np.int64)
   rows = np.arange(X)
-  budget = min(int(num_bits), R * max_width)
-  for _ in range(budget):
+  cap = [min(int(b), R * max_width) for b in num_bits]
+  out = np.zeros((len(cap), X, R), np.int64)
+  for i in range(max(cap, default=0) + 1):
+    for c, b in enumerate(cap):
+      if b == i:
+        out[c] = width
+    if i == max(cap):
+      break
     gain = wv * (GAUSS_MSE[width] - GAUSS_MSE[np.minimum(width + 1, max_width)])
     gain = np.where(width < max_width, gain, -1.0)
     j = gain.argmax(1)
     width[rows, j] += gain[rows, j] > 0
-  return width
+  return out
 
 
-def transform_code_params(stats: Mapping[str, np.ndarray], num_bits: int, key_weight: float = 1.0,
+def transform_code_params(stats: Mapping[str, np.ndarray], code_bits: Sequence[int], key_weight: float = 1.0,
                           step_scale: float = 1.0) -> dict[str, np.ndarray]:
-  """Means, bases, steps and widths (float, integral) per (layer, head) for E = `num_bits` per entry,
-  bases truncated after the last component any head codes (at least 1) per tensor."""
+  """Means and bases (N, H, D, r) per (layer, head), and per code c (one per entry width E_c of
+  `code_bits`, widest first) steps and widths (float, integral) (N, H, C, r); bases truncated after the
+  last component any head codes (at least 1) per tensor. The greedy allocation is nested: a narrower
+  E gives every component at most the width a wider one gives it."""
   N, H, D = stats['k_var'].shape
   wv = np.concatenate([key_weight * stats['k_weight'] * stats['k_var'], stats['v_weight'] * stats['v_var']], -1)
-  width = allocate(wv.reshape(N * H, 2 * D), num_bits).reshape(N, H, 2 * D)
+  width = np.moveaxis(allocate_nested(wv.reshape(N * H, 2 * D), tuple(code_bits) or (0,)), 0, 1)
+  width = width.reshape(N, H, -1, 2 * D)                                                # (N, H, C, 2D)
   params = {}
   for i, t in enumerate('kv'):
     w = width[..., i * D:(i + 1) * D]
     coded = np.nonzero((w > 0).reshape(-1, D).any(0))[0]
     r = int(coded.max()) + 1 if coded.size else 1          # past the last component any head codes
-    sd = np.sqrt(stats[f'{t}_var'][..., :r])
+    sd = np.sqrt(stats[f'{t}_var'][:, :, None, :r])
     params[f'{t}_mean'] = stats[f'{t}_mean']
     params[f'{t}_basis'] = stats[f'{t}_basis'][..., :r]
     params[f'{t}_step'] = np.maximum(step_scale * sd * GAUSS_STEP[w[..., :r]], 1e-6)

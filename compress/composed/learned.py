@@ -2,13 +2,14 @@
 attention-output error.
 
 Initialised from `composed`'s calibration (PCA bases, water-filling widths, Gaussian-optimal steps);
-trained with optax (train.compressor) through the hard path's own schedule (`train_outputs`): every
-scale attends to the entries read back from the state, then the state absorbs the scale (written in
-place, or merged into the kept slots exactly as the hard path does: the selection and the merge
-targets carry no gradient, the merged coefficients do); codes are rounded with a straight-through
-estimator (LSQ: the step gets the gradient of the rounding residual) and the stored parameters with a
-straight-through float16 cast. The forward pass equals the hard path. Widths stay the allocation's;
-one basis per tensor, stored once (decoder = encoder transposed), as `composed`.
+trained with optax (train.compressor) through the hard path's own schedule (`train_outputs`, the stages
+of compress.composed.schedule): every scale attends to the entries read back from the state, then the
+state absorbs the scale (kept exact while it fits, appended, or merged into the kept slots exactly as
+the hard path does: the selection and the merge targets carry no gradient, the merged coefficients do)
+and is re-coded at the stage's widths; codes are rounded with a straight-through estimator (LSQ: the
+step gets the gradient of the rounding residual) and the stored parameters with a straight-through
+float16 cast. The forward pass equals the hard path. Widths stay the allocation's; the steps of every
+code are trained; one basis per tensor, stored once (decoder = encoder transposed), as `composed`.
 """
 from __future__ import annotations
 
@@ -59,19 +60,20 @@ class TransformCodeLearned(TransformCodeBase):
   def decoder(self, params, t):
     return jnp.swapaxes(self.encoder(params, t), -1, -2)
 
-  def step_width(self, params, t):
-    step = straight_through_cast(jnp.exp(params[f'{t}_logstep']), self.geometry.kv_dtype)
-    return step, jax.lax.stop_gradient(jnp.round(params[f'{t}_width'].astype(jnp.float32)))
+  def step_width(self, params, t, code):
+    step = straight_through_cast(jnp.exp(params[f'{t}_logstep'][:, code]), self.geometry.kv_dtype)
+    return step, jax.lax.stop_gradient(jnp.round(params[f'{t}_width'][:, code].astype(jnp.float32)))
 
-  def read_back(self, params, coef):
-    """Quantise-dequantise {'k', 'v'} coefficients: the hard path's values, straight-through gradients."""
+  def read_back(self, params, coef, code):
+    """Quantise-dequantise {'k', 'v'} coefficients at code `code`: the hard path's values, straight-through
+    gradients."""
     out = {}
     for t in _TENSORS:
-      step, width = (a[None, :, None] for a in self.step_width(params, t))
+      step, width = (a[None, :, None] for a in self.step_width(params, t, code))
       levels = jnp.exp2(width)
       z = coef[t] / step + levels / 2 - 0.5
-      code = jnp.clip(jnp.floor(coef[t] / step + levels / 2), 0, levels - 1)
-      out[t] = (z + jax.lax.stop_gradient(code - z) + 0.5 - levels / 2) * step
+      c = jnp.clip(jnp.floor(coef[t] / step + levels / 2), 0, levels - 1)
+      out[t] = (z + jax.lax.stop_gradient(c - z) + 0.5 - levels / 2) * step
     return out
 
   def train_outputs(self, params, q_BHLD, k_BHLD, v_BHLD) -> jax.Array:
@@ -82,28 +84,21 @@ class TransformCodeLearned(TransformCodeBase):
       ck, cv = (straight_through_cast(x, g.kv_dtype) for x in (k_BHLD, v_BHLD))
       return pyramid_attention(q_BHLD, ck, cv, k_BHLD, v_BHLD, g.patch_nums)
     self._check_params(params)
-    B, H = q_BHLD.shape[:2]
-    m, E = self.plan()
-    if E == 0:                                  # an empty cache: each scale sees only itself
-      empty = jnp.zeros_like(k_BHLD)
-      return pyramid_attention(q_BHLD, empty, empty, k_BHLD, v_BHLD, g.patch_nums,
-                               jnp.full((B, H, len(g.patch_nums), k_BHLD.shape[2]), -1e9))
-    coef = {t: jnp.zeros((B, H, m, params[f'{t}_width'].shape[-1]), jnp.float32) for t in _TENSORS}
-    valid = jnp.zeros((B, H, m), bool)
-    size = jnp.zeros((B, H, m), jnp.float32) if self.merging else None
-    outs = []
+    plan = self.stages()
+    view, outs = None, []
     for si, (st, S) in enumerate(zip(g.scale_starts, g.scale_sizes)):
       q, k, v = (x[:, :, st:st + S] for x in (q_BHLD, k_BHLD, v_BHLD))
-      (out, p_cache, p_new), ck = self.attend_cache(params, coef, size, valid, q, k, v)
+      out, p_cache, p_new = self.attend_view(view, q, k, v)
       outs.append(out)
       if self.is_last(si):
         break
-      new = {t: self.project(params, t, x) for t, x in (('k', k), ('v', v))}
-      if size is None:
-        coef = {t: jax.lax.dynamic_update_slice_in_dim(coef[t], self.read_back(params, new)[t], st, axis=2)
-                for t in _TENSORS}
-        valid = jnp.broadcast_to(jnp.arange(m) < st + S, (B, H, m))
+      stage = plan[si]
+      x = self.absorb(params, stage, view, k, v, p_cache, p_new)
+      if x is None:
+        view = None
+      elif stage.mode == 'exact':
+        view = {'coef': None, 'size': None, 'valid': x['valid'],
+                **{t: straight_through_cast(x[t], g.kv_dtype) for t in _TENSORS}}
       else:
-        x, size, valid = self.merge(coef, ck, size, valid, k, new, p_cache, p_new, m)
-        coef = self.read_back(params, x)
+        view = self.coded_view(params, self.read_back(params, x, stage.code), x['size'], x['valid'])
     return jnp.concatenate(outs, axis=2)

@@ -1,17 +1,21 @@
 """`composed`: every entry transform-coded (per-head PCA basis, per-component integer widths chosen by
-water-filling on calibration caches), optionally on fewer slots than tokens (CaM-style merging).
+water-filling on calibration caches), optionally on fewer slots than tokens (CaM-style merging), at a
+precision that falls as the cache grows.
 
-One budget, three axes: the token axis (slots m = keep x the peak tokens; below 1 the candidates are
-evicted by attention and each evicted one merged into its nearest kept one), the dimension axis (a
-component coded with 0 bits is dropped: the rank follows from the widths) and the bit axis (widths 0..8
-per component, per (layer, head)). State per (sequence, layer, head): `m` entries of E bits (one
-packed stream of every code of the key and the value, compress.composed.bitstream), a uint16 size per
-entry when merging (logit bias log(size)), and the 16-bit count. E = the largest multiple of 8 that
-fits the budget. Shared parameters per (layer, head), counted apart: means, bases and steps (float16)
-and widths (uint8).
+One budget, three axes: the token axis (slots m = keep x the peak tokens; once a scale brings more
+candidates than m, they are evicted by attention and each evicted one merged into its nearest kept one),
+the dimension axis (a component coded with 0 bits is dropped: the rank follows from the widths) and the
+bit axis (widths 0..16 per component, per (layer, head)). The layout follows the scale
+(compress.composed.schedule): the tokens exact at fp16 while they fit the budget, then m_s entries of
+E_s bits each (one packed stream of every code of the key and the value, compress.composed.bitstream),
+E_s the widest that fits and never wider than before: as scales arrive, stored entries are re-coded to
+narrower widths (nested allocations: never up), plus a uint16 size per entry once tokens merged (logit
+bias log(size)), and the 16-bit count. Shared parameters per (layer, head), counted apart: means and
+bases (float16), per code (distinct E_s) steps (float16) and widths (uint8).
 
 A stored code c of width w reads back as the coefficient (c + 1/2 - 2^w / 2) * step (midrise; w = 0
-reads 0, the mean); re-encoding a read-back coefficient gives c again, so kept entries never drift.
+reads 0, the mean); re-encoding a read-back coefficient at the same width and step gives c again, so
+kept entries never drift; at a narrower width it is quantised again from its read-back value.
 """
 from __future__ import annotations
 
@@ -22,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compress.composed import allocation
+from compress.composed import allocation, schedule
 from compress.composed.bitstream import pack_stream, unpack_stream
-from compress.core.accounting import COUNT_DTYPE, dtype_bits
+from compress.core.accounting import COUNT_DTYPE
 from compress.core.attention import attend
 from compress.core.interface import Compressor
 from compress.core.registry import register
@@ -38,13 +42,14 @@ _TENSORS = ('k', 'v')
 _SIZE_FLOOR = 1e-6
 
 
-def _weighted_means(target_N: jax.Array, weight_N: jax.Array, x_NF: jax.Array) -> jax.Array:
-  """Row n: sum_{i: target_i = n} w_i x_i / sum w_i (0 for empty groups; target N = dropped)."""
-  N = x_NF.shape[0]
-  onehot_NN = (target_N[None, :] == jnp.arange(N)[:, None]).astype(jnp.float32)   # a matmul, not a scatter
-  num = jnp.einsum('ni,i,if->nf', onehot_NN, weight_N, x_NF)
-  den = onehot_NN @ weight_N
-  return jnp.where(den[:, None] > 0, num / jnp.where(den > 0, den, 1.0)[:, None], 0.0)
+def _group_means(rows_M: jax.Array, target_N: jax.Array, weight_N: jax.Array, x_NF: jax.Array,
+                 size_N: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """For each row r of `rows_M`: sum_{i: target_i = r} w_i x_i / sum w_i (0 for an empty group) (M, F),
+  and the group's total size (M,)."""
+  onehot_MN = (target_N[None, :] == rows_M[:, None]).astype(jnp.float32)   # a matmul, not a scatter
+  num = (onehot_MN * weight_N[None, :]) @ x_NF
+  den = onehot_MN @ weight_N
+  return jnp.where(den[:, None] > 0, num / jnp.where(den > 0, den, 1.0)[:, None], 0.0), onehot_MN @ size_N
 
 
 def quantize(coef: jax.Array, step: jax.Array, width: jax.Array) -> jax.Array:
@@ -81,6 +86,7 @@ class TransformCodeBase(Compressor):
   # ---- planning -----------------------------------------------------------------------------
   @property
   def merging(self) -> bool:
+    """Tokens merge at some scale (the peak's slots are fewer than its tokens)."""
     return self.plan()[0] < self.geometry.prefix_tokens
 
   @property
@@ -90,23 +96,24 @@ class TransformCodeBase(Compressor):
       return self.keep
     return float(min(1.0, np.sqrt(self.budget.bits / self.geometry.coordinates / self.AUTO_BPC)))
 
-  def plan(self) -> tuple[int, int]:
-    """(slots m, stream bits E per entry; a multiple of 8, at most 8 bits per coordinate)."""
-    T, D = self.geometry.prefix_tokens, self.geometry.head_dim
+  def stages(self) -> tuple[schedule.Stage, ...]:
+    """What the state holds after each scale but the last (compress.composed.schedule)."""
+    T = self.geometry.prefix_tokens
     keep = self.keep_share
     m = T if keep >= 1.0 else max(1, int(round(keep * T)))
-    extra = dtype_bits(SIZE_DTYPE) if m < T else 0
-    room = self.budget.bits - dtype_bits(COUNT_DTYPE) - m * extra
-    E = max(0, room // m) // 8 * 8
-    return m, int(min(E, 2 * D * 8))
+    return schedule.stages(self.geometry, self.budget.bits, m)
+
+  def plan(self) -> tuple[int, int]:
+    """(slots m, stream bits E per entry) at the peak (E = 0: nothing is kept there)."""
+    last = self.stages()[-1]
+    T = self.geometry.prefix_tokens
+    keep = self.keep_share
+    return (T if keep >= 1.0 else max(1, int(round(keep * T))), last.entry_bits if last.mode == 'coded' else 0)
 
   def init_compressed(self, batch: int, num_heads: int) -> Slots:
-    m, E = self.plan()
-    if E == 0:      # not one bit per entry: an empty cache, nothing stored
-      D = self.geometry.head_dim
-      return empty_slots(batch, num_heads, 0, (D,), self.geometry.kv_dtype).replace(count_implied=True)
-    extra = {'size': ((), SIZE_DTYPE)} if m < self.geometry.prefix_tokens else {}
-    return empty_slots(batch, num_heads, m, (E // 8,), jnp.uint8, (0,), jnp.uint8, extra=extra)
+    """Before the first scale: nothing held."""
+    D = self.geometry.head_dim
+    return empty_slots(batch, num_heads, 0, (D,), self.geometry.kv_dtype).replace(count_implied=True)
 
   # ---- parameters -----------------------------------------------------------------------------
   def calibrated(self, num_layers: int, num_heads: int, calibration: Mapping[str, Any] | None
@@ -121,11 +128,19 @@ class TransformCodeBase(Compressor):
         raise ValueError(f"{self.name}: calibration['{t}'] must be (layers={want[0]}, B, heads={want[1]}, "
                          f'L, head_dim={want[2]}), got {x.shape}')
     stats = allocation.head_statistics(calibration)
-    return allocation.transform_code_params(stats, self.plan()[1], self.key_weight, self.step_scale)
+    return allocation.transform_code_params(stats, schedule.code_bits(self.stages()), self.key_weight,
+                                            self.step_scale)
 
   def _check_params(self, params) -> None:
     if params is None:
       raise ValueError(f'{self.name} needs the parameters from init_params(..., calibration=...)')
+    codes = max(1, len(schedule.code_bits(self.stages())))
+    got = tuple(params['k_width'].shape)
+    if len(got) != 3 or got[1] != codes:
+      raise ValueError(f'{self.name} at {self.budget.bits} bits codes its entries at {codes} widths per '
+                       f'scale (widths (heads, {codes}, components) per layer), but its parameters have '
+                       f'k_width {got}: they come from another budget or from before progressive '
+                       'precision; rebuild them with init_params (or retrain composed_learned)')
 
   def encoder(self, params, t: str) -> jax.Array:
     """(H, D, R) projection onto the coefficients."""
@@ -135,10 +150,10 @@ class TransformCodeBase(Compressor):
     """(H, R, D) reconstruction from the coefficients."""
     raise NotImplementedError
 
-  def step_width(self, params, t: str) -> tuple[jax.Array, jax.Array]:
-    """(H, R) quantiser steps and widths (float, integral) as stored."""
-    return (params[f'{t}_step'].astype(self.geometry.kv_dtype).astype(jnp.float32),
-            jax.lax.stop_gradient(jnp.round(params[f'{t}_width'].astype(jnp.float32))))
+  def step_width(self, params, t: str, code: int) -> tuple[jax.Array, jax.Array]:
+    """(H, R) quantiser steps and widths (float, integral) of code `code`, as stored."""
+    return (params[f'{t}_step'][:, code].astype(self.geometry.kv_dtype).astype(jnp.float32),
+            jax.lax.stop_gradient(jnp.round(params[f'{t}_width'][:, code].astype(jnp.float32))))
 
   # ---- coding ---------------------------------------------------------------------------------
   def project(self, params, t: str, x_BHSD: jax.Array) -> jax.Array:
@@ -150,28 +165,63 @@ class TransformCodeBase(Compressor):
     mean = params[f'{t}_mean'].astype(self.geometry.kv_dtype).astype(jnp.float32)
     return jnp.einsum('bhmr,hrd->bhmd', coef_BHMR, self.decoder(params, t)) + mean[None, :, None]
 
-  def widths(self, params) -> jax.Array:
-    """(H, Rk + Rv) widths of one entry's stream."""
-    return jnp.concatenate([self.step_width(params, t)[1] for t in _TENSORS], -1).astype(jnp.int32)
+  def widths(self, params, code: int) -> jax.Array:
+    """(H, Rk + Rv) widths of one entry's stream in code `code`."""
+    return jnp.concatenate([self.step_width(params, t, code)[1] for t in _TENSORS], -1).astype(jnp.int32)
 
-  def encode(self, params, coef: dict[str, jax.Array]) -> jax.Array:
-    codes = [quantize(coef[t], *(a[None, :, None] for a in self.step_width(params, t))) for t in _TENSORS]
-    return pack_stream(jnp.concatenate(codes, -1).astype(jnp.int32), self.widths(params), self.plan()[1])
+  def encode(self, params, coef: dict[str, jax.Array], code: int, num_bits: int) -> jax.Array:
+    codes = [quantize(coef[t], *(a[None, :, None] for a in self.step_width(params, t, code))) for t in _TENSORS]
+    return pack_stream(jnp.concatenate(codes, -1).astype(jnp.int32), self.widths(params, code), num_bits)
 
-  def decode(self, params, stream_BHMP: jax.Array) -> dict[str, jax.Array]:
+  def decode(self, params, stream_BHMP: jax.Array, code: int) -> dict[str, jax.Array]:
     """Read-back coefficients {'k', 'v'} (B, H, M, R_t)."""
-    codes = unpack_stream(stream_BHMP, self.widths(params)).astype(jnp.float32)
+    codes = unpack_stream(stream_BHMP, self.widths(params, code)).astype(jnp.float32)
     rk = params['k_width'].shape[-1]
     parts = {'k': codes[..., :rk], 'v': codes[..., rk:]}
-    return {t: dequantize(parts[t], *(a[None, :, None] for a in self.step_width(params, t))) for t in _TENSORS}
+    return {t: dequantize(parts[t], *(a[None, :, None] for a in self.step_width(params, t, code)))
+            for t in _TENSORS}
 
   # ---- the step (shared by the hard path and the learned relaxation) -------------------------
-  def attend_cache(self, params, coef, size_BHM, valid_BHM, q_BHSD, k_BHSD, v_BHSD):
-    """Attention over the entries rebuilt from read-back coefficients {'k', 'v'} (B, H, M, R) (bias
-    log(size) when merging) plus the new scale: ((out, p_cache, p_new), rebuilt keys)."""
-    ck, cv = (self.reconstruct(params, t, coef[t]) for t in _TENSORS)
-    bias = None if size_BHM is None else jnp.log(jnp.maximum(size_BHM.astype(jnp.float32), 1.0))
-    return attend(q_BHSD, ck, cv, valid_BHM, bias, k_BHSD, v_BHSD), ck
+  def coded_view(self, params, coef, size_BHM, valid_BHM) -> dict[str, Any]:
+    """What attention and merging see of coded entries: read-back coefficients {'k', 'v'}, the keys
+    and values rebuilt from them (B, H, M, D), sizes (float, or None) and validity."""
+    return {'coef': coef, 'k': self.reconstruct(params, 'k', coef['k']),
+            'v': self.reconstruct(params, 'v', coef['v']), 'size': size_BHM, 'valid': valid_BHM}
+
+  def attend_view(self, view, q_BHSD, k_BHSD, v_BHSD):
+    """Attention over the held entries (bias log(size) once tokens merged; None: nothing held) plus the
+    new scale: (out, p_cache, p_new)."""
+    if view is None:
+      B, H, _, D = k_BHSD.shape
+      none = jnp.zeros((B, H, 0, D), jnp.float32)
+      return attend(q_BHSD, none, none, jnp.zeros((B, H, 0), bool), None, k_BHSD, v_BHSD)
+    bias = None if view['size'] is None else jnp.log(jnp.maximum(view['size'].astype(jnp.float32), 1.0))
+    return attend(q_BHSD, view['k'], view['v'], view['valid'], bias, k_BHSD, v_BHSD)
+
+  def absorb(self, params, stage: schedule.Stage, view, k_BHSD, v_BHSD, p_cache, p_new):
+    """The entries stage `stage` holds, before their codes: {'k', 'v'} the keys and values (exact) or
+    their coefficients (coded), 'size' (float (B, H, m), or None), 'valid' (B, H, m); None: empty."""
+    if stage.mode == 'empty':
+      return None
+    cat = lambda a, b: jnp.concatenate([a, b], axis=2)
+    B, H, S = k_BHSD.shape[:3]
+    if stage.mode == 'exact':
+      new = {'k': k_BHSD.astype(jnp.float32), 'v': v_BHSD.astype(jnp.float32)}
+      x = new if view is None else {t: cat(view[t], new[t]) for t in _TENSORS}
+      return {**x, 'size': None, 'valid': jnp.ones((B, H, stage.slots), bool)}
+    new = {t: self.project(params, t, x) for t, x in (('k', k_BHSD), ('v', v_BHSD))}
+    if view is None:
+      return {**new, 'size': jnp.ones((B, H, S), jnp.float32) if stage.sizes else None,
+              'valid': jnp.ones((B, H, S), bool)}
+    coef = view['coef'] or {t: self.project(params, t, view[t]) for t in _TENSORS}   # exact -> coded
+    held = view['valid'].shape[-1]
+    size = jnp.ones((B, H, held), jnp.float32) if view['size'] is None else view['size'].astype(jnp.float32)
+    if held + S <= stage.slots:          # every candidate keeps its slot: the scale is appended
+      assert held + S == stage.slots, (stage, held, S)
+      return {**{t: cat(coef[t], new[t]) for t in _TENSORS}, 'valid': jnp.ones((B, H, stage.slots), bool),
+              'size': cat(size, jnp.ones((B, H, S), jnp.float32)) if stage.sizes else None}
+    x, size, keep = self.merge(coef, view['k'], size, view['valid'], k_BHSD, new, p_cache, p_new, stage.slots)
+    return {**x, 'size': size, 'valid': keep}
 
   def merge(self, coef, ck, size_BHM, valid_BHM, k_BHSD, new, p_cache, p_new, m: int):
     """Candidates (kept + new): keep the top-m by the scale's attention, merge each evicted one into
@@ -191,38 +241,54 @@ class TransformCodeBase(Compressor):
       N = k_ND.shape[0]
       idx, keep = topk_indices(score_N, ok_N, m)                     # kept ones first, best first
       kept = jnp.zeros((N,), bool).at[idx].set(keep)
+      # similarity to the kept entries only, in index order (ties go to the lowest index)
+      cols = jnp.sort(jnp.where(keep, idx, N))
       kn = unit_rows(jax.lax.stop_gradient(k_ND))
-      sim = jnp.where(kept[None, :], kn @ kn.T, -jnp.inf)
-      merged = ok_N & ~kept & (sim.max(1) >= self.threshold)
-      target = jnp.where(kept, jnp.arange(N), jnp.where(merged, jnp.argmax(sim, 1), N))
-      x = _weighted_means(target, mass_N + _SIZE_FLOOR * size_N, x_NF)
-      group_size = (target[None, :] == jnp.arange(N)[:, None]).astype(jnp.float32) @ size_N
-      return x[idx], jnp.where(keep, group_size[idx], 0.0), keep
+      sim = jnp.where(cols[None, :] < N, kn @ kn[jnp.minimum(cols, N - 1)].T, -jnp.inf)   # (N, m)
+      best = sim.max(1)
+      first = jnp.min(jnp.where(sim == best[:, None], jnp.arange(m)[None, :], m - 1), 1)
+      merged = ok_N & ~kept & (best >= self.threshold)
+      target = jnp.where(kept, jnp.arange(N), jnp.where(merged, cols[first], N))
+      x, group_size = _group_means(idx, target, mass_N + _SIZE_FLOOR * size_N, x_NF, size_N)
+      return x, jnp.where(keep, group_size, 0.0), keep
 
     x, size, keep = jax.vmap(jax.vmap(one))(keys, payload, size, score, mass, valid)
     rk = coef['k'].shape[-1]
     return {'k': x[..., :rk], 'v': x[..., rk:]}, size, keep
 
+  def _view(self, params, state: Slots, prev: schedule.Stage | None):
+    """What the state after stage `prev` holds, decoded (None: nothing)."""
+    if prev is None or prev.mode == 'empty':
+      return None
+    size = state.extra.get('size')
+    size = None if size is None else size.astype(jnp.float32)
+    if prev.mode == 'exact':
+      return {'coef': None, 'k': state.k.astype(jnp.float32), 'v': state.v.astype(jnp.float32),
+              'size': None, 'valid': state.valid}
+    return self.coded_view(params, self.decode(params, state.k, prev.code), size, state.valid)
+
+  def _store(self, params, stage: schedule.Stage, x, batch: int, num_heads: int) -> Slots:
+    """The state of stage `stage` holding `x` (absorb's entries), coded and packed."""
+    if x is None:
+      return self.init_compressed(batch, num_heads)
+    count = x['valid'].sum(-1).astype(COUNT_DTYPE)
+    if stage.mode == 'exact':
+      dt = self.geometry.kv_dtype
+      return Slots(k=x['k'].astype(dt), v=x['v'].astype(dt), count=count)
+    stream = self.encode(params, x, stage.code, stage.entry_bits)
+    extra = {} if x['size'] is None else {'size': jnp.minimum(x['size'], 65535.0).astype(SIZE_DTYPE)}
+    return Slots(k=stream, v=jnp.zeros(stream.shape[:3] + (0,), jnp.uint8), count=count, extra=extra)
+
   def compress_step(self, params, state: Slots, q_BHSD, k_BHSD, v_BHSD, scale: int, ctx):
     del ctx
     self._check_params(params)
-    if state.capacity == 0:              # an empty cache: (B, H, 0, D) keys and values
-      out, _, _ = attend(q_BHSD, state.k.astype(jnp.float32), state.v.astype(jnp.float32), state.valid,
-                         None, k_BHSD, v_BHSD)
-      return out, state
-    coef = self.decode(params, state.k)
-    size = state.extra.get('size')
-    (out, p_cache, p_new), ck = self.attend_cache(params, coef, size, state.valid, q_BHSD, k_BHSD, v_BHSD)
+    plan = self.stages()
+    view = self._view(params, state, plan[scale - 1] if scale > 0 else None)
+    out, p_cache, p_new = self.attend_view(view, q_BHSD, k_BHSD, v_BHSD)
     if self.is_last(scale):
       return out, state
-    new = {t: self.project(params, t, x) for t, x in (('k', k_BHSD), ('v', v_BHSD))}
-    start, S = self.geometry.scale_starts[scale], self.geometry.scale_sizes[scale]
-    if size is None:                     # every token has its slot: write the scale's codes in place
-      stream = jax.lax.dynamic_update_slice_in_dim(state.k, self.encode(params, new), start, axis=2)
-      return out, state.replace(k=stream, count=jnp.full_like(state.count, start + S))
-    x, size, keep = self.merge(coef, ck, size, state.valid, k_BHSD, new, p_cache, p_new, state.capacity)
-    return out, state.replace(k=self.encode(params, x), count=keep.sum(-1).astype(state.count.dtype),
-                              extra={'size': jnp.minimum(size, 65535.0).astype(SIZE_DTYPE)})
+    x = self.absorb(params, plan[scale], view, k_BHSD, v_BHSD, p_cache, p_new)
+    return out, self._store(params, plan[scale], x, *k_BHSD.shape[:2])
 
 
 @register

@@ -1,0 +1,83 @@
+"""The composed family's layout per scale: exact while the cache fits, then codes that narrow as it grows.
+
+The budget is set at the cache's peak, but the cache grows scale by scale: after scale s it holds the
+T_s = tokens of scales 0..s. `stages` plans, once per geometry and budget, what the state holds after
+each scale (every scale but the last: after the last nothing persists):
+
+- 'exact': every token at the geometry's dtype (fp16), while T_s x 2D x 16 + 16 (the count) fits;
+- 'coded': m_s entries of E_s bits (the packed transform codes of compress.composed.transform_code),
+  plus a uint16 size per entry once tokens have merged (m_s < T_s), plus the count. m_s = min(T_s, m)
+  with m the peak's slots (`keep` x T, as the peak has always had them): tokens merge only once the
+  peak's slots are full. E_s = the largest multiple of 8 with 16 + m_s (E_s + 16 if merged) <= budget,
+  never more than the stage before (so each stage's widths, allocated greedily on the same statistics,
+  are at most the previous stage's: stored codes are only ever re-coded down), at most 16 bits per
+  coordinate (bitstream.MAX_WIDTH);
+- 'empty': not one byte per entry fits: nothing is kept (from then on).
+
+Stages with the same E_s share one set of widths and steps (their `code` index).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from compress.composed.bitstream import MAX_WIDTH
+from compress.core.accounting import COUNT_DTYPE, dtype_bits
+from compress.core.budget import CacheGeometry
+from compress.merging.base import SIZE_DTYPE
+
+_SIZE_BITS = dtype_bits(SIZE_DTYPE)          # per entry once tokens merge
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """What the state holds after one scale. bits(): per head, as its arrays count them."""
+  tokens: int            # T_s: tokens of the scales so far
+  mode: str              # 'exact' | 'coded' | 'empty'
+  slots: int             # entries held (all valid: exact = tokens, coded = m_s, empty = 0)
+  entry_bits: int        # per entry: 2 D x dtype bits (exact), E_s (coded), 0 (empty)
+  sizes: bool            # a uint16 size per entry (coded, tokens merged)
+  code: int = -1         # index of the stage's widths and steps in the parameters (coded), else -1
+
+  def bits(self) -> int:
+    if self.mode == 'empty':
+      return 0
+    return dtype_bits(COUNT_DTYPE) + self.slots * (self.entry_bits + (_SIZE_BITS if self.sizes else 0))
+
+
+def stages(geometry: CacheGeometry, budget_bits: int, peak_slots: int) -> tuple[Stage, ...]:
+  """The layout after each scale but the last (module doc). peak_slots: m, the slots at the peak."""
+  D, count = geometry.head_dim, dtype_bits(COUNT_DTYPE)
+  exact_entry = 2 * D * geometry.kv_bits
+  out: list[Stage] = []
+  codes: list[int] = []           # the distinct E of the coded stages so far, widest first
+  held = 0                         # entries after the previous scale
+  for st, S in zip(geometry.scale_starts[1:], geometry.scale_sizes[:-1]):
+    T = st                         # tokens after this scale
+    if T * exact_entry + count <= budget_bits and not codes:
+      out.append(Stage(T, 'exact', T, exact_entry, False))
+      held = T
+      continue
+    m = max(1, min(T, peak_slots, held + S))
+    sizes = m < T
+    room = budget_bits - count - m * (_SIZE_BITS if sizes else 0)
+    E = min(max(0, room // m) // 8 * 8, 2 * D * MAX_WIDTH, codes[-1] if codes else 2 * D * MAX_WIDTH)
+    if E == 0 or (out and out[-1].mode == 'empty'):
+      out.append(Stage(T, 'empty', 0, 0, False))
+      held = 0
+      continue
+    if not codes or codes[-1] != E:
+      codes.append(E)
+    out.append(Stage(T, 'coded', m, E, sizes, len(codes) - 1))
+    held = m
+  for s in out:
+    assert s.bits() <= budget_bits, (s, budget_bits)
+  return tuple(out)
+
+
+def code_bits(plan: tuple[Stage, ...]) -> tuple[int, ...]:
+  """E of each code index (the distinct stream widths, widest first)."""
+  widths: dict[int, int] = {}
+  for s in plan:
+    if s.mode == 'coded':
+      widths.setdefault(s.code, s.entry_bits)
+  return tuple(widths[c] for c in range(len(widths)))
