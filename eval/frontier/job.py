@@ -31,6 +31,7 @@ import os
 import time
 from typing import Any, Callable, Sequence
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
@@ -216,6 +217,7 @@ def run_model(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable
   done('sweep')
   curves = bounds_stage(config, table, data, geometry, jobs, batch)
   done('bounds')
+  jax.clear_caches()              # the sweep's point programs are not used again: free their code
   closed, grids = closed_loop_stage(config, paths, model, geometry, params, share_of(config, params, served))
   done('closed_loop')
   finish(config, paths, table.rows, curves, closed, grids, 'VAR KV cache')
