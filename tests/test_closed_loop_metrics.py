@@ -9,8 +9,11 @@ differ from the full cache's.
   exactly (agreement 1, KL 0, PSNR at its cap, SSIM 1); a window cache of one token (10 %) agrees on
   scale 0 (it sees no cache) and not after it (agreement < 1, KL > 0, PSNR below the cap, SSIM < 1);
   the counted bytes are the policy state's bits / 8 and the fp16 yardstick is its closed form.
+- FID / KID (`full_reference(..., distribution_metrics=True)`): 0 at 100 % (identical images), and at
+  10 % the values distribution.py gives on features recomputed here, against the full cache and
+  against `real_images`; `noise_floor`: the full cache against its draw with other seeds.
 Fault caught (checked by breaking closed_loop.py in a scratch copy): any metric computed on the
-reference against itself.
+reference against itself; the noise floor drawn with the same seeds.
 """
 import pathlib
 
@@ -21,7 +24,7 @@ import pytest
 import compress
 import var_jax
 from compress.core.budget import CacheGeometry
-from eval.quality import closed_loop
+from eval.quality import classifier, closed_loop, distribution
 
 FIX = pathlib.Path(__file__).parent / 'data' / 'var_official_tiny'
 
@@ -80,7 +83,7 @@ def test_evaluate_policy_full_cache_is_exact_and_a_tiny_budget_is_not(model):
   g = CacheGeometry(model.patch_nums, cfg.head_dim)
   labels, seeds = (1, 2), (0,)
   gen = {'cfg': 1.5, 'top_k': 0, 'top_p': 0.0}
-  ref = closed_loop.full_reference(model, labels, seeds, gen)
+  ref = closed_loop.full_reference(model, labels, seeds, gen, distribution_metrics=True)
   fp16 = g.fp16_bits * cfg.depth * 2 * len(labels) * cfg.num_heads // 8       # CFG doubles the rows
   rows = {}
   for budget in ('100%', '10%'):
@@ -102,3 +105,24 @@ def test_evaluate_policy_full_cache_is_exact_and_a_tiny_budget_is_not(model):
   assert full['cache_bytes_counted'] == pytest.approx(fp16, rel=1e-9)
   assert 0 < small['cache_bytes_counted'] <= 0.1 * fp16
   assert small['bits_max'] <= compress.make('window', g, '10%').budget.bits
+  # FID / KID in the classifier's features: the same images are at distance 0 (up to rounding:
+  # KID's pairs cancel); against the real images the row holds what distribution.py gives on recomputed features
+  assert abs(full['fid_vs_full']) < 1e-9 and abs(full['kid_vs_full']) < 1e-12
+  assert -1e-12 < full['kid_vs_full_ci_low'] <= full['kid_vs_full_ci_high'] < 1e-12
+  real = classifier.features(closed_loop.real_images(labels, seeds, ref['images'].shape[1]) * 2 - 1)
+  got = classifier.features(images * 2 - 1)                          # the 10 % window's images
+  assert small['fid_vs_full'] > 1e-6
+  assert small['fid_vs_full'] == pytest.approx(distribution.fid(got, ref['features']), rel=1e-6)
+  assert small['fid_vs_real'] == pytest.approx(distribution.fid(got, real), rel=1e-6)
+  assert small['kid_vs_real'] == pytest.approx(distribution.kid(got, real, paired=True), rel=1e-6, abs=1e-9)
+  for r in (full, small):
+    for c in ('fid_vs_full', 'kid_vs_full', 'fid_vs_real', 'kid_vs_real'):
+      assert r[f'{c}_ci_low'] <= r[c] <= r[f'{c}_ci_high'], c
+  floor, other = closed_loop.noise_floor(model, ref, labels, seeds, gen, 0.95, g.fp16_bits)
+  assert floor['method'] == 'full' and floor['budget'] == 'full' and other.shape == images.shape
+  assert np.abs(other - ref['images']).max() > 0.01                   # other seeds: other images
+  assert floor['fid_vs_full'] == pytest.approx(
+      distribution.fid(classifier.features(other * 2 - 1), ref['features']), rel=1e-6)
+  assert floor['fid_vs_real'] == pytest.approx(distribution.fid(ref['features'], real), rel=1e-6)
+  assert 'token_agreement' not in floor and 'psnr' not in floor      # unrelated image by image
+  assert floor['cache_bytes_counted'] == fp16

@@ -330,6 +330,9 @@ def test_model_frontier_outputs(model_run):
   assert 0 <= float(cl[0]['token_agreement']) <= 1 and -1 <= float(cl[0]['ssim']) <= 1
   assert float(cl[0]['kl']) >= 0 and np.isfinite(float(cl[0]['psnr']))
   assert float(cl[0]['cache_bytes_counted']) <= float(cl[0]['fp16_cache_bytes']) * 0.25 + 1
+  # FID / KID and the noise-floor row are the built-in model's (its classifier's features) only
+  assert all(cl[0][c] == '' for c in closed_loop.DISTRIBUTION_COLUMNS)
+  assert float(cl[0]['amortised_bits_per_coordinate']) == float(by['window', 'default']['amortised_bits_per_coordinate'])
   for f in ('frontier.png', 'samples_window.png', 'bounds.csv', 'capture/manifest.json', 'tb/.digest'):
     assert os.path.exists(os.path.join(model_run, f)), f
 

@@ -14,10 +14,10 @@ from compress.core.budget import Budget
 from eval.bounds import gaussian_reference, rank_bound
 from eval.engine import sweep
 from eval.engine.params import Params
-from eval.engine.results import Paths, ResultTable
+from eval.engine.results import Paths, ResultTable, write_table
 from eval.engine.sweep import FULL_BUDGET
 from eval.frontier import distributed
-from eval.quality import closed_loop
+from eval.quality import closed_loop, rank_correlation
 from eval.report import plots, tb
 
 
@@ -82,28 +82,48 @@ def bounds_stage(config, table, data, geometry, jobs, batch: int) -> list[dict]:
 
 def closed_loop_stage(config, paths: Paths, model, geometry, params: Params, share=None) -> tuple[list, dict]:
   """closed_loop.csv rows and {name: image grid} (full cache | method at each budget); `share`: the
-  sweep's amortised fit (the same compressors, and trained parameters, as its points)."""
+  sweep's amortised fit (the same compressors, and trained parameters, as its points). FID / KID and
+  the noise-floor row only for the built-in model (model.source 'default'): the shipped classifier
+  whose features they use knows its domain (32 px, 12 classes) only. Prints (and writes
+  rank_correlation.csv) the rank correlation of the teacher-forced error with each image metric."""
   cl = config.closed_loop
   specs = sweep.parse_methods(list(cl.methods))
   if not specs:
     return [], {}
   table = ResultTable(paths.closed, closed_loop.COLUMNS, closed_loop.KEY)
   gen = {'cfg': cl.cfg, 'top_k': cl.top_k, 'top_p': cl.top_p}
+  n_images = len(cl.labels) * len(cl.seeds)
+  builtin = config.model.source == 'default' and n_images >= 2         # FID needs 2 images per set
+  if config.model.source == 'default' and not builtin:
+    logging.warning('closed loop: FID / KID need >= 2 images (labels x seeds), %d here: left empty', n_images)
+  frontier_rows = tb.read_table(paths.frontier)
+  x_tf = {(r['method'], r['setting'], r['budget']): r.get('amortised_bits_per_coordinate')
+          for r in frontier_rows if r['dataset'] == 'val'}
   os.makedirs(paths.samples, exist_ok=True)
   img_path = lambda name: os.path.join(paths.samples, f'{tb.tag(name).replace("/", "_")}.npy')
-  ref = None
+  ref = []
+
+  def reference():
+    if not ref:
+      ref.append(closed_loop.full_reference(model, cl.labels, cl.seeds, gen, distribution_metrics=builtin))
+      np.save(img_path('full'), np.round(ref[0]['images'] * 255).astype(np.uint8))
+    return ref[0]
+
+  def append(row):
+    table.append({**row, 'amortised_bits_per_coordinate': x_tf.get((row['method'], row['setting'],
+                                                                     str(row['budget'])))})
+  if builtin and {'method': 'full', 'setting': 'default', 'budget': FULL_BUDGET} not in table:
+    append(closed_loop.noise_floor(model, reference(), cl.labels, cl.seeds, gen, config.confidence,
+                                   geometry.fp16_bits)[0])
   for spec in specs:
     for budget in cl.budgets:
       if {'method': spec.name, 'setting': spec.setting, 'budget': budget} in table:
         continue
-      if ref is None:
-        ref = closed_loop.full_reference(model, cl.labels, cl.seeds, gen)
-        np.save(img_path('full'), np.round(ref['images'] * 255).astype(np.uint8))
       comp = sweep.fitted(spec, budget, geometry, share)
-      row, images = closed_loop.evaluate_policy(model, comp, params(spec, comp), spec.setting, budget, ref,
-                                                cl.labels, cl.seeds, gen, config.confidence)
+      row, images = closed_loop.evaluate_policy(model, comp, params(spec, comp), spec.setting, budget,
+                                                reference(), cl.labels, cl.seeds, gen, config.confidence)
       np.save(img_path(f'{spec}@{budget}'), np.round(images * 255).astype(np.uint8))
-      table.append(row)
+      append(row)
       jax.clear_caches()              # this policy's generation steps are not used again
   grids = {}
   for spec in specs:
@@ -112,4 +132,7 @@ def closed_loop_stage(config, paths: Paths, model, geometry, params: Params, sha
       grid = plots.image_grid([np.load(p) / 255.0 for p in cols])
       plots.save_png(grid, os.path.join(paths.workdir, f'samples_{tb.tag(str(spec))}.png'), scale=2)
       grids[f'val/{spec}'] = grid
+  corr = rank_correlation.table(frontier_rows, table.rows, config.confidence)
+  write_table(os.path.join(paths.workdir, 'rank_correlation.csv'), rank_correlation.COLUMNS, corr)
+  print(rank_correlation.text(corr, config.confidence), flush=True)
   return table.rows, grids

@@ -1,12 +1,14 @@
 """The built-in classifier of the built-in dataset's 12 classes: a small CNN that scores samples.
 
 `eval.quality.samples` trains one per run to report sample accuracy; the closed loop of the frontier scores
-generated images with the shipped one (`load_builtin`, `eval/quality/assets/classifier_32px.npz`: the
+generated images with the shipped one (`shipped()`, `eval/quality/assets/classifier_32px.npz`: the
 classifier `train_classifier(32)` gives, exported by `python -m eval.quality.classifier --out
-eval/quality/assets/classifier_32px.npz`), so that no run pays for training it.
+eval/quality/assets/classifier_32px.npz`), so that no run pays for training it, and measures FID / KID
+in its penultimate-layer features (`features`, (n, 128); eval/quality/distribution.py).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Sequence
@@ -33,14 +35,18 @@ class SmallCNN(nnx.Module):
     self.norms = nnx.List([nnx.LayerNorm(b, rngs=rngs) for b in chans[1:]])
     self.head = nnx.Linear(chans[-1], num_classes, rngs=rngs)
 
-  def __call__(self, x_BHWC: jax.Array) -> jax.Array:
-    """Images in [-1, 1] -> logits (B, classes)."""
+  def features(self, x_BHWC: jax.Array) -> jax.Array:
+    """Images in [-1, 1] -> the penultimate layer (B, 128): the last stage, mean pooled over space."""
     x = x_BHWC
     for conv, norm in zip(self.convs, self.norms):
       x = nnx.gelu(norm(conv(x)))
       B, H, W, C = x.shape
       x = x.reshape(B, H // 2, 2, W // 2, 2, C).mean((2, 4))
-    return self.head(x.mean((1, 2)))
+    return x.mean((1, 2))
+
+  def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+    """Images in [-1, 1] -> logits (B, classes)."""
+    return self.head(self.features(x_BHWC))
 
 
 def degrade(key: jax.Array, x_BHWC: jax.Array, max_sigma: float = 1.5, max_noise: float = 0.1) -> jax.Array:
@@ -80,6 +86,19 @@ def _predict(model: SmallCNN, x: jax.Array) -> jax.Array:
 def predict(model: SmallCNN, images_BHWC: np.ndarray, batch: int = 256) -> np.ndarray:
   return np.concatenate([np.asarray(_predict(model, jnp.asarray(images_BHWC[i:i + batch])))
                          for i in range(0, len(images_BHWC), batch)])
+
+
+@nnx.jit
+def _features(model: SmallCNN, x: jax.Array) -> jax.Array:
+  return model.features(x)
+
+
+def features(images_BHWC: np.ndarray, model: SmallCNN | None = None, batch: int = 256) -> np.ndarray:
+  """(n, 128) float64 penultimate-layer features of images in [-1, 1] under `model` (default: the
+  shipped classifier, `load()`): the feature space of eval/quality/distribution.py's FID and KID."""
+  model = shipped()[0] if model is None else model
+  return np.concatenate([np.asarray(_features(model, jnp.asarray(images_BHWC[i:i + batch], jnp.float32)),
+                                    np.float64) for i in range(0, len(images_BHWC), batch)])
 
 
 def train_classifier(image_size: int, *, num_images: int = 6000, steps: int = 800, batch: int = 128,
@@ -128,6 +147,12 @@ def load(path: str = ASSET) -> tuple[SmallCNN, dict]:
   new = [jnp.asarray(arrays[n]).reshape(x.shape) for n, (_, x) in zip(names, flat[0])]
   nnx.update(model, jax.tree_util.tree_unflatten(flat[1], new))
   return model, meta
+
+
+@functools.lru_cache(maxsize=1)
+def shipped() -> tuple[SmallCNN, dict]:
+  """`load()` of the shipped file, once per process."""
+  return load()
 
 
 def main(argv: Sequence[str]) -> None:

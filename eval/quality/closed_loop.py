@@ -9,10 +9,17 @@ different prefixes), PSNR (capped at 100 dB for identical images) and SSIM of th
 the built-in classifier (eval/quality/classifier.py) puts in their class (beside the full cache's), and
 the cache memory measured on the final policy state (= its peak: nothing is absorbed after the last
 scale): bytes allocated by its buffers and bytes counted by `Compressor.bits`.
+
+Distribution metrics (built-in model only: `full_reference(..., distribution=True)`): FID and KID
+(eval/quality/distribution.py, in the shipped classifier's features) of the compressed images against
+the full cache's (paired: same label and seed) and against real held-out images of the built-in
+dataset (`real_images`: one per generated image, of its label, seed REAL_SEED), with bootstrap
+intervals; and `noise_floor`, the row of method `full`: the full cache's images against the full
+cache's images drawn with other seeds (seed + NOISE_SEED_OFFSET, same labels). Its per-image columns
+(token agreement, KL, PSNR, SSIM) stay empty: images of different seeds are unrelated image by image.
 """
 from __future__ import annotations
 
-import functools
 import time
 from typing import Any, Sequence
 
@@ -23,16 +30,24 @@ from compress.core.accounting import tree_bytes
 from compress.core.interface import Compressor
 from compress.core.policy import CompressorPolicy
 from eval.engine.stats import bootstrap_mean_ci
+from eval.engine.sweep import FULL_BUDGET
+from eval.quality import distribution
 from eval.quality.metrics import kl_logits, psnr, ssim
 from var_jax import sampling
+from var_jax.data import BuiltinDataset
 
 PSNR_CAP = 100.0
+DISTRIBUTION_COLUMNS = tuple(f'{m}_vs_{to}{ci}' for to in ('full', 'real') for m in ('fid', 'kid')
+                             for ci in ('', '_ci_low', '_ci_high'))
 COLUMNS = ('method', 'family', 'setting', 'budget', 'budget_bits', 'images', 'token_agreement',
            'token_agreement_per_scale', 'kl', 'kl_per_scale', 'psnr', 'psnr_ci_low', 'psnr_ci_high', 'ssim',
            'ssim_ci_low', 'ssim_ci_high', 'class_accuracy', 'class_accuracy_ci_low', 'class_accuracy_ci_high',
            'full_class_accuracy', 'bits_max', 'cache_bytes_counted', 'cache_bytes_allocated',
-           'full_cache_bytes_allocated', 'fp16_cache_bytes', 'seconds')
+           'full_cache_bytes_allocated', 'fp16_cache_bytes', 'amortised_bits_per_coordinate',
+           *DISTRIBUTION_COLUMNS, 'seconds')
 KEY = ('method', 'setting', 'budget')
+REAL_SEED = 9091            # real images: not the VAR's (0, 1_000_003), the classifier's (777) or samples' (4242)
+NOISE_SEED_OFFSET = 1_000_000      # the noise floor's second full-cache draw: seed + this
 
 
 def generate(model: Any, labels: Sequence[int], seeds: Sequence[int], gen: dict[str, Any],
@@ -70,10 +85,9 @@ def compare(ref: dict[str, Any], got: dict[str, Any], level: float) -> dict[str,
           'ssim': sm, 'ssim_ci_low': sl, 'ssim_ci_high': sh}
 
 
-@functools.lru_cache(maxsize=1)
 def _classifier() -> Any:
   from eval.quality import classifier  # pylint: disable=g-import-not-at-top
-  return classifier.load()
+  return classifier.shipped()
 
 
 def class_hits(images_NHWC: np.ndarray, labels: Sequence[int], seeds: Sequence[int]) -> np.ndarray | None:
@@ -87,12 +101,76 @@ def class_hits(images_NHWC: np.ndarray, labels: Sequence[int], seeds: Sequence[i
   return (classifier.predict(model, images_NHWC * 2 - 1) == want).astype(np.float64)
 
 
-def full_reference(model: Any, labels: Sequence[int], seeds: Sequence[int], gen: dict[str, Any]
-                   ) -> dict[str, Any]:
+def real_images(labels: Sequence[int], seeds: Sequence[int], side: int) -> np.ndarray:
+  """(n, side, side, 3) in [0, 1]: held-out real images of the built-in dataset (seed REAL_SEED), one
+  per generated image (seed-major, as `generate`), of its label; distinct images."""
+  want = np.tile(np.asarray(labels), len(seeds))
+  ds = BuiltinDataset(BuiltinDataset.num_classes * len(seeds) * len(labels), side, REAL_SEED)
+  rank = [int((want[:i] == c).sum()) for i, c in enumerate(want)]        # the k-th image of its label
+  idx = [np.flatnonzero(ds.labels == c)[k] for c, k in zip(want, rank)]
+  return (ds[np.asarray(idx)] + 1) / 2
+
+
+def _features(images_NHWC: np.ndarray) -> np.ndarray:
+  from eval.quality import classifier  # pylint: disable=g-import-not-at-top
+  return classifier.features(images_NHWC * 2 - 1, _classifier()[0])
+
+
+def full_reference(model: Any, labels: Sequence[int], seeds: Sequence[int], gen: dict[str, Any],
+                   distribution_metrics: bool = False) -> dict[str, Any]:
+  """The full cache's generation (`generate`), its cache bytes and class hits; with
+  `distribution_metrics` (the built-in model: 32 px images of its 12 classes) also the classifier
+  features of its images and of as many real images (`real_images`)."""
   ref = generate(model, labels, seeds, gen)
   ref['bytes'] = tree_bytes(ref['state'])
   ref['hits'] = class_hits(ref['images'], labels, seeds)
+  if distribution_metrics:
+    ref['features'] = _features(ref['images'])
+    ref['real_features'] = _features(real_images(labels, seeds, ref['images'].shape[1]))
   return ref
+
+
+def distribution_row(features_ND: np.ndarray, versus: dict[str, np.ndarray], level: float
+                     ) -> dict[str, float]:
+  """{fid_vs_<name>, kid_vs_<name> (+ _ci_low, _ci_high)} of images with these features against each
+  set of `versus` (features of as many images, paired: the i-th of the same label, and for the full
+  cache the same seed)."""
+  row = {}
+  for to, other in versus.items():
+    for m, fn in (('fid', distribution.fid_ci), ('kid', distribution.kid_ci)):
+      row[f'{m}_vs_{to}'], row[f'{m}_vs_{to}_ci_low'], row[f'{m}_vs_{to}_ci_high'] = fn(
+          features_ND, other, level, paired=True)
+  return row
+
+
+def _versus(ref: dict[str, Any]) -> dict[str, np.ndarray]:
+  return {'full': ref['features'], 'real': ref['real_features']} if 'features' in ref else {}
+
+
+def noise_floor(model: Any, ref: dict[str, Any], labels: Sequence[int], seeds: Sequence[int],
+                gen: dict[str, Any], level: float, fp16_bits: int) -> tuple[dict[str, Any], np.ndarray]:
+  """The closed_loop.csv row of method `full` (the full cache at the closed loop's seeds: class
+  accuracy, FID / KID against real images) whose `*_vs_full` columns compare it with the full cache's
+  images of the same labels at seeds + NOISE_SEED_OFFSET: the distance two draws of the full cache
+  keep, below which no compressed cache can be told from it. Returns the row and the other draw's
+  images. `fp16_bits`: the geometry's fp16 bits per (sequence, layer, head)."""
+  t0 = time.perf_counter()
+  other = generate(model, labels, [int(s) + NOISE_SEED_OFFSET for s in seeds], gen)
+  cfg = model.var.cfg
+  fp16 = fp16_bits * cfg.depth * 2 * len(labels) * cfg.num_heads // 8
+  row = {'method': 'full', 'family': 'reference', 'setting': 'default', 'budget': FULL_BUDGET,
+         'budget_bits': fp16_bits, 'images': len(other['images']), 'bits_max': fp16_bits,
+         'cache_bytes_counted': fp16, 'cache_bytes_allocated': tree_bytes(other['state']),
+         'full_cache_bytes_allocated': ref['bytes'], 'fp16_cache_bytes': fp16}
+  if ref.get('hits') is not None:
+    m, lo, hi = bootstrap_mean_ci(ref['hits'], level)
+    row.update({'class_accuracy': m, 'class_accuracy_ci_low': lo, 'class_accuracy_ci_high': hi,
+                'full_class_accuracy': m})
+  if 'features' in ref:
+    row.update(distribution_row(_features(other['images']), {'full': ref['features']}, level))
+    row.update(distribution_row(ref['features'], {'real': ref['real_features']}, level))
+  row['seconds'] = time.perf_counter() - t0
+  return row, other['images']
 
 
 def evaluate_policy(model: Any, comp: Compressor, params: Any, setting: str, budget: Any,
@@ -114,7 +192,9 @@ def evaluate_policy(model: Any, comp: Compressor, params: Any, setting: str, bud
   row = {'method': comp.name, 'family': comp.family, 'setting': setting, 'budget': budget,
          'budget_bits': comp.budget.bits, **compare(ref, got, level), **acc, 'bits_max': int(bits.max()),
          'cache_bytes_counted': float(bits.sum()) / 8, 'cache_bytes_allocated': tree_bytes(got['state']),
-         'full_cache_bytes_allocated': ref['bytes'], 'fp16_cache_bytes': fp16,
-         'seconds': time.perf_counter() - t0}
+         'full_cache_bytes_allocated': ref['bytes'], 'fp16_cache_bytes': fp16}
+  if 'features' in ref:
+    row.update(distribution_row(_features(got['images']), _versus(ref), level))
+  row['seconds'] = time.perf_counter() - t0
   return row, got['images']
 
