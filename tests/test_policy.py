@@ -109,3 +109,20 @@ def test_second_policy_of_the_same_compressor_compiles_nothing(model):
   np.testing.assert_array_equal(np.asarray(second.images), np.asarray(fresh.images))
   assert any(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in
              zip(first.tokens + [first.images], second.tokens + [second.images]))
+
+
+def test_composed_generation_with_a_layout_per_scale(model):
+  """composed's state changes shape by scale (exact, then codes: compress/composed/schedule.py); the
+  sampler's per-scale steps carry it, and the final state is the last stage's, within the budget."""
+  g = geometry(model, 'float16')
+  cfg = model.var.cfg
+  comp = compress.make('composed', g, '30%')
+  assert [s.mode for s in comp.stages()] == ['exact', 'coded', 'coded']
+  q, k, v = compress.synthetic.var_like_qkv(jax.random.key(0), g.patch_nums, layers=cfg.depth, batch=2,
+                                            heads=cfg.num_heads, head_dim=g.head_dim)
+  params = comp.init_params(jax.random.key(0), cfg.depth, cfg.num_heads, calibration={'q': q, 'k': k, 'v': v})
+  policy = CompressorPolicy(comp, params)
+  out = model.generate([1, 2], seed=0, cfg=1.5, top_k=1, top_p=0, policy=policy, return_cache=True)
+  bits = np.asarray(policy.bits(out.cache))          # (layers, 2B, H)
+  assert np.all(bits == comp.stages()[-1].bits()) and bits.max() <= comp.budget.bits
+  assert np.isfinite(np.asarray(out.images)).all()
