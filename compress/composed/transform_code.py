@@ -140,7 +140,9 @@ class TransformCodeBase(Compressor):
       raise ValueError(f'{self.name} at {self.budget.bits} bits codes its entries at {codes} widths per '
                        f'scale (widths (heads, {codes}, components) per layer), but its parameters have '
                        f'k_width {got}: they come from another budget or from before progressive '
-                       'precision; rebuild them with init_params (or retrain composed_learned)')
+                       'precision (issue 27); rebuild them with init_params, or retrain composed_learned '
+                       '(move its old trained run aside, e.g. WORKDIR/train/composed_learned-*, and '
+                       'the frontier trains it again)')
 
   def encoder(self, params, t: str) -> jax.Array:
     """(H, D, R) projection onto the coefficients."""
