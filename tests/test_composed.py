@@ -176,3 +176,17 @@ def test_learned_relaxation_equals_the_hard_path(keep):
   assert float(jnp.abs(grads['v_basis']).sum()) > 0
   assert grads['k_logstep'].shape[1] == 2 and np.all(np.abs(np.asarray(grads['k_logstep'])).sum((0, 2)) > 0)
   assert float(jnp.abs(grads['k_width']).sum()) == 0                              # widths are not trained
+
+
+def test_parameters_of_another_schedule_are_refused():
+  """Parameters with another number of codes (another budget, or trained before progressive precision:
+  one width per component) are refused with the fix, not run at the wrong widths."""
+  g = CacheGeometry(PN, D)
+  a, b = compress.make('composed', g, '10%'), compress.make('composed', g, '40%')
+  params = jax.tree.map(lambda x: x[0], a.init_params(jax.random.key(0), 1, H, calibration=calib()))
+  x = [jnp.asarray(calib(seed=3)[t][0]) for t in 'qkv']
+  with pytest.raises(ValueError, match='codes its entries at 1 widths.*retrain composed_learned'):
+    run_scales(b, params, *x)
+  old = {n: (p[:, 0] if n.endswith(('_width', '_step')) else p) for n, p in params.items()}   # (H, r)
+  with pytest.raises(ValueError, match=r'k_width \(2, 8\).*before progressive precision'):
+    run_scales(a, old, *x)
