@@ -96,3 +96,30 @@ def test_points_keep_job_order_report_failures_and_resume(tmp_path):
   run_points(_table(tmp_path, 'f.csv'), jobs, lambda s, b: order.append(b) or {
       'dataset': 'val', 'method': s.name, 'setting': s.setting, 'budget': b}, progress=False, dataset='val')
   assert order == ['30%', '40%']                                   # a re-run computes only those
+
+
+def test_compiled_programs_are_freed_before_mappings_run_out(tmp_path, monkeypatch):
+  """Above the mapping budget the points' caches are cleared (before a point, no compile in flight):
+  the rows are those of a run that never clears, and with a budget no process reaches nothing is freed."""
+  from eval.engine import points
+  with open('/proc/self/maps') as f:
+    assert abs(points.mappings() - sum(1 for _ in f)) < 50      # the same count /proc shows
+  with open('/proc/sys/vm/max_map_count') as f:
+    assert points.map_budget() == int(f.read()) // 2
+  q, k, v = (np.asarray(x) for x in var_like_qkv(jax.random.key(1), PN, layers=2, batch=4, heads=2, head_dim=D))
+  g = CacheGeometry(PN, D)
+  jobs = [(sweep.MethodSpec.parse(m), '25%') for m in ('window', 'kivi', 'snapkv')]
+  data = sweep.CacheSet({'q': q, 'k': k, 'v': v}, np.array([0, 0, 1, 1]), PN)
+  evaluate = lambda spec, b: sweep.evaluate_spec(spec, b, data, g, lambda s, c: None, batch=4, level=0.95)
+  warm = lambda spec, b: (lambda: None)
+  cleared, real = [], jax.clear_caches
+  monkeypatch.setattr(jax, 'clear_caches', lambda: cleared.append(1) or real())
+  rows = {}
+  for budget in (0, 10 ** 9):                       # every point over budget / never
+    monkeypatch.setattr(points, 'map_budget', lambda budget=budget: budget)
+    cleared.clear()
+    table = _table(tmp_path, f'b{budget}.csv')
+    assert run_points(table, jobs, evaluate, progress=False, dataset='val', prepare=warm) == []
+    rows[budget] = [(r['method'], r['rel_error'], r['bits']) for r in table.rows]
+    assert len(cleared) == (len(jobs) if budget == 0 else 0)
+  assert rows[0] == rows[10 ** 9]
