@@ -32,8 +32,9 @@ rest (1 - sig_c) * gate_c to the hard path's anchors a != c by pi_ca = softmax_a
 log-masses are the same formulas over these soft member weights, rounded as stored (straight-through).
 As tau, temperature -> 0 the member weights become the hard path's and so do the outputs.
 
-On the default model's caches (100 AdamW steps, lr 3e-3) it ends 12-13 % below CaM and 33-39 % below
-ToMe at 10 / 25 / 50 % of the fp16 cache (README, `eval.quality.compare`).
+On the default model's caches (100 AdamW steps, lr 3e-3) it ended 12-13 % below CaM and 33-39 % below
+ToMe at 10 / 25 / 50 % of the fp16 cache (label-matched budgets, where the three hold the same entries;
+the main job's figures at equal memory: docs/frontier.md).
 """
 from __future__ import annotations
 
