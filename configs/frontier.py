@@ -164,7 +164,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                             'ckpt_every': 10, 'log_every': 5, 'eval_sequences': 8,
                             'calibration_sequences': 8})
     c.closed_loop.update({'methods': ('window',), 'budgets': ('25%',), 'labels': (1,)})
-    c.tuning.grids = ml_collections.ConfigDict({'kivi': ('bit_width=2', 'bit_width=4')})
+    c.tuning.grids = ml_collections.ConfigDict({'kivi': ('bit_width=2', 'bit_width=4'),
+                                                'pca': ('key_fraction=0.25', 'key_fraction=0.75')})
   elif variant == 'full':
     c.fast_compile = False
     c.capture.update({'train_shards': 16, 'val_shards': 4, 'dev_shards': 4})

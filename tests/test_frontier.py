@@ -148,7 +148,7 @@ def tiny_model_config():
   c.learned.update({'methods': ('lowrank_learned',), 'budgets': ('25%',)})
   c.learned.train.update({'num_steps': 4, 'batch_size': 4, 'eval_sequences': 4, 'calibration_sequences': 4})
   c.closed_loop.update({'methods': ('window',), 'budgets': ('25%',), 'labels': (1, 2), 'seeds': (0,)})
-  c.tuning.grids = {'pca': ('key_fraction=0.25', 'key_fraction=0.75')}
+  assert tuple(c.tuning.grids.pca) == ('key_fraction=0.25', 'key_fraction=0.75')   # the tiny variant's grid
   # shared parameters charged to 64 served sequences (the 8 held-out ones would leave lowrank_learned no
   # per-head bits at 25 % once its projections are amortised: sweep.fit_amortised)
   c.sweep.served_sequences = 64
@@ -492,7 +492,7 @@ def test_tensorboard_layout_from_tables(tmp_path, monkeypatch):
                                                   'reference/gaussian_ideal_code.keys_free'}
   assert 'bound/rank_bound.values' in holds('per_family/val/window')
   for r in rows[:-1]:
-    got = scalars[tb.run_name(r['family'], r['method'], r['setting'])]['frontier/val']
+    got = scalars[tb.run_name(r['family'], r['method'], pareto.curve_setting(r))]['frontier/val']
     assert got[tb.step_of(tb.x_of(r))] == pytest.approx(float(r['rel_error']), rel=1e-6)
   assert 4100 in scalars['quantization/kivi.bits_2']['frontier/val']          # x: amortised bits
   # pareto.csv's points, each held until 1 step (0.001 bit) before the next: a staircase
@@ -518,7 +518,7 @@ def test_tensorboard_serves_the_frontier(model_run, load_fast):
   method, pareto and the reference; the rank bound on its chart; no hparams runs; images."""
   logdir = os.path.join(model_run, 'tb')
   rows = read_csv(os.path.join(model_run, 'frontier.csv'))
-  methods = {tb.run_name(r['family'], r['method'], r['setting']) for r in rows if r['family'] != 'bound'}
+  methods = {tb.run_name(r['family'], r['method'], pareto.curve_setting(r)) for r in rows if r['family'] != 'bound'}
   bounds = read_csv(os.path.join(model_run, 'bounds.csv'))
   curves = {tb.curve_run(b['bound'], b['setting'], b['applies_to']): b['applies_to'] for b in bounds}
   port = _free_port()
@@ -546,7 +546,7 @@ def test_tensorboard_serves_the_frontier(model_run, load_fast):
     series = lambda run, t: {step: v for _, step, v in _get(port, '/data/plugin/scalars/scalars', run=run, tag=t)}
     for r in rows:
       if r['family'] != 'bound':
-        got = series(tb.run_name(r['family'], r['method'], r['setting']), 'frontier/val')
+        got = series(tb.run_name(r['family'], r['method'], pareto.curve_setting(r)), 'frontier/val')
         assert got[tb.step_of(tb.x_of(r))] == pytest.approx(float(r['rel_error']), rel=1e-6, abs=1e-12)
     got = series('pareto', 'frontier/val')
     for p in read_csv(os.path.join(model_run, 'pareto.csv')):
@@ -620,7 +620,8 @@ def test_two_processes_reproduce_the_one_process_run(model_run, tmp_path):
            '--config.learned.train.num_steps=4', '--config.learned.train.batch_size=4',
            '--config.learned.train.eval_sequences=4', '--config.learned.train.calibration_sequences=4',
            "--config.closed_loop.methods=('window',)", "--config.closed_loop.budgets=('25%',)",
-           '--config.closed_loop.labels=(1,2)', '--config.closed_loop.seeds=(0,)', '--config.progress=False']
+           '--config.closed_loop.labels=(1,2)', '--config.closed_loop.seeds=(0,)', '--config.progress=False',
+           '--config.sweep.served_sequences=64']
   repo = pathlib.Path(__file__).parent.parent
   r = subprocess.run([sys.executable, '-m', 'eval.frontier.launch', '--processes', '2', '--', *flags], cwd=repo,
                      capture_output=True, text=True, timeout=900)
@@ -628,7 +629,7 @@ def test_two_processes_reproduce_the_one_process_run(model_run, tmp_path):
   assert r.returncode == 0, r.stderr[-3000:] + (log1.read_text()[-3000:] if log1.exists() else '')
   shards = lambda d: {n: e['sha256'] for n, e in
                       json.load(open(os.path.join(d, 'capture', 'manifest.json')))['shards'].items()}
-  assert shards(workdir) == shards(model_run) and len(shards(workdir)) == 3
+  assert shards(workdir) == shards(model_run) and len(shards(workdir)) == 4     # train 1, val 2, dev 1
   assert not [f for f in os.listdir(os.path.join(workdir, 'parts')) if f.endswith('.csv')]   # merged
   for table in ('frontier.csv', 'closed_loop.csv'):
     key = lambda row: (row['method'], row['setting'], row['budget'])

@@ -25,7 +25,7 @@ _FLAGS = {
     'learned.train.calibration_sequences': 4, 'closed_loop.methods': (), 'gaussian_reference': False,
     'rank_bound.settings': (), 'progress': False}
 # set only where the config has them: per-head budgets as given (shared parameters reported apart)
-_IF_PRESENT = {'sweep.fit_amortised': False}
+_IF_PRESENT = {'sweep.fit_amortised': False, 'tuning.grids.pca': ()}   # pca at its given setting
 
 
 def _has(c, name):

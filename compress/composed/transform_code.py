@@ -212,9 +212,13 @@ class TransformCodeBase(Compressor):
       x = new if view is None else {t: cat(view[t], new[t]) for t in _TENSORS}
       return {**x, 'size': None, 'valid': jnp.ones((B, H, stage.slots), bool)}
     new = {t: self.project(params, t, x) for t, x in (('k', k_BHSD), ('v', v_BHSD))}
-    if view is None:
+    if view is None and S <= stage.slots:        # the first coded scale fits its slots: every token kept
       return {**new, 'size': jnp.ones((B, H, S), jnp.float32) if stage.sizes else None,
               'valid': jnp.ones((B, H, S), bool)}
+    if view is None:                               # more tokens than slots from the first scale: merge them
+      view = {'coef': {t: jnp.zeros((B, H, 0, new[t].shape[-1]), jnp.float32) for t in _TENSORS},
+              'k': jnp.zeros((B, H, 0, k_BHSD.shape[-1]), jnp.float32), 'size': None,
+              'valid': jnp.zeros((B, H, 0), bool)}
     coef = view['coef'] or {t: self.project(params, t, view[t]) for t in _TENSORS}   # exact -> coded
     held = view['valid'].shape[-1]
     size = jnp.ones((B, H, held), jnp.float32) if view['size'] is None else view['size'].astype(jnp.float32)
