@@ -67,6 +67,7 @@ class Params:
     self._calibration = calibration          # callable -> {'q','k','v'} (N, b, H, L, D), or the dict
     self.num_layers, self.num_heads = num_layers, num_heads
     self._cache: dict[Compressor, Any] = {}
+    self._shared_bits: dict[Compressor, int] = {}
 
   def provenance(self) -> dict[str, str]:
     """Fingerprints of this run's capture (trained compressors loaded from elsewhere must match)."""
@@ -98,15 +99,18 @@ class Params:
     `eval.engine.sweep.fitted`. Learned compressors are counted from their initial parameters (training
     keeps their shapes and dtypes), so nothing is trained at a budget the fit then abandons."""
     heads = self.num_layers * self.num_heads * served_sequences
+    shared = self._shared_bits                       # shared bits per compressor, computed once
 
     def share(spec: MethodSpec, comp: Compressor) -> float:
-      if comp.learned and not comp.passthrough:
-        calib = self.calibration() if comp.needs_calibration else None
-        p = comp.init_params(jax.random.key(self.config.seed), self.num_layers, self.num_heads,
-                             calibration=calib)
-      else:
-        p = self(spec, comp)
-      return comp.shared_bits(p) / heads
+      if comp not in shared:
+        if comp.learned and not comp.passthrough:
+          calib = self.calibration() if comp.needs_calibration else None
+          p = comp.init_params(jax.random.key(self.config.seed), self.num_layers, self.num_heads,
+                               calibration=calib)
+        else:
+          p = self(spec, comp)
+        shared[comp] = comp.shared_bits(p)
+      return shared[comp] / heads
     return share
 
   def trained_bits(self, spec: MethodSpec, comp: Compressor) -> int:

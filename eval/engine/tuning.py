@@ -11,6 +11,7 @@ closed loop use is trained (or loaded), so that `val` is opened only by the fina
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Callable, Sequence
 
@@ -93,6 +94,11 @@ def tuned_jobs(config: ml_collections.ConfigDict, jobs: Sequence[Job], evaluate_
   return out, selection, failed
 
 
+def read_only(spec: MethodSpec, budget: Any) -> dict:
+  """`evaluate_dev` of a process that only reads the lead's tuning rows: a missing row is an error."""
+  raise RuntimeError(f'{spec}@{budget}: no dev row in tuning.csv, which the lead process writes first')
+
+
 def train_learned(jobs: Sequence[Job], closed: Sequence[Job], geometry: CacheGeometry, params: Params,
                   share: Callable[[MethodSpec, Any], float] | None) -> None:
   """Trains (or loads) the parameters of every learned compressor in `jobs` and `closed` now, so that
@@ -111,7 +117,6 @@ def train_learned(jobs: Sequence[Job], closed: Sequence[Job], geometry: CacheGeo
 def dev_set(capture_dir: str, max_sequences: int) -> sweep.CacheSet | None:
   """The dev split of the capture as a CacheSet (None when the capture has none)."""
   from var_jax.capture import CaptureDataset  # pylint: disable=g-import-not-at-top
-  import json  # pylint: disable=g-import-not-at-top
   with open(os.path.join(capture_dir, 'manifest.json')) as f:
     if not json.load(f).get('splits', {}).get('dev'):
       return None
@@ -120,7 +125,6 @@ def dev_set(capture_dir: str, max_sequences: int) -> sweep.CacheSet | None:
 
 def val_sequences(config: ml_collections.ConfigDict, capture_dir: str) -> int:
   """Sequences of `val` the sweep evaluates, from the capture's manifest (val itself is not opened)."""
-  import json  # pylint: disable=g-import-not-at-top
   with open(os.path.join(capture_dir, 'manifest.json')) as f:
     m = json.load(f)
   n = int(np.sum([m['shards'][s]['num_sequences'] for s in m['splits'].get('val', []) if s in m['shards']]))

@@ -197,7 +197,7 @@ def run_model(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable
       jobs, selection, failed = tuning.tuned_jobs(config, jobs, evaluate_dev, tuning_path, prepare_dev)
     cluster.barrier('tuned')
     if not cluster.lead:                   # the lead's choices, read back (nothing left to compute)
-      jobs, selection, _ = tuning.tuned_jobs(config, jobs, lambda *a: {}, tuning_path)
+      jobs, selection, _ = tuning.tuned_jobs(config, jobs, tuning.read_only, tuning_path)
   table = ResultTable(paths.frontier, sweep.COLUMNS, sweep.KEY)
   mine, my_jobs = distributed.my_points(cluster, table, jobs)   # (table, jobs) with one process
   closed_jobs = [(s, b) for s in sweep.parse_methods(list(config.closed_loop.methods))
