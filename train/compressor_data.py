@@ -48,10 +48,9 @@ def load_data(data: ml_collections.ConfigDict) -> tuple[Any, Any]:
   if not os.path.isfile(os.path.join(data.path, 'manifest.json')):
     raise FileNotFoundError(f'data.path {data.path!r} has no manifest.json: it is not a capture directory '
                             '(write one with python -m var_jax.capture --out DIR)')
-  from var_jax.capture import CaptureDataset  # pylint: disable=g-import-not-at-top
+  from var_jax.capture_data import CaptureDataset, read_manifest  # pylint: disable=g-import-not-at-top
   held = data.get('eval_split', 'dev')
-  with open(os.path.join(data.path, 'manifest.json')) as f:
-    have = json.load(f).get('splits', {})
+  have = read_manifest(data.path).get('splits', {})
   for name in ('train', held):
     if not have.get(name):
       more = (' (the dev split holds the trainer\'s held-out checks; or pass --config.data.eval_split=val '

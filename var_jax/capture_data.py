@@ -49,6 +49,17 @@ def file_problem(path: Path, entry: Mapping[str, Any], name: str, check_sha: boo
   return None
 
 
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+  """The manifest of the capture directory `path` (its splits, shards, arguments), without opening a
+  split's arrays."""
+  mpath = Path(path) / MANIFEST
+  if not mpath.is_file():
+    raise FileNotFoundError(f'{mpath} not found: {path} is not a capture directory; create one with '
+                            f'python -m var_jax.capture --out {path} --model=default (or --var_ckpt/'
+                            '--vae_ckpt, --converted) first')
+  return json.loads(mpath.read_text())
+
+
 class CaptureDataset:
   """Memory-mapped reader of one split of a capture directory.
 
@@ -63,11 +74,7 @@ class CaptureDataset:
   def __init__(self, path: str | os.PathLike, split: str = 'train', *, verify: bool = True):
     self.path, self.split, self.verify = Path(path), split, verify
     mpath = self.path / MANIFEST
-    if not mpath.is_file():
-      raise FileNotFoundError(f'{mpath} not found: {path} is not a capture directory; create one with '
-                              f'python -m var_jax.capture --out {path} --model=default (or --var_ckpt/'
-                              '--vae_ckpt, --converted) first')
-    self.manifest = json.loads(mpath.read_text())
+    self.manifest = read_manifest(path)
     if self.manifest.get('format') != FORMAT:
       raise ValueError(f'{mpath} has format {self.manifest.get("format")!r}, expected {FORMAT!r}; '
                        'capture again into a new directory')

@@ -11,8 +11,6 @@ closed loop use is trained (or loaded), so that `val` is opened only by the fina
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Callable, Sequence
 
 import ml_collections
@@ -40,9 +38,8 @@ def candidates(spec: MethodSpec, grid: Sequence[str]) -> list[MethodSpec]:
   """`spec` with each candidate setting of `grid` laid over its own settings (a candidate wins)."""
   out = []
   for cand in grid:
-    over = dict(MethodSpec.parse(f'{spec.name}({cand})').settings)
-    merged = dict(spec.settings) | over
-    out.append(MethodSpec.parse(f'{spec.name}({",".join(f"{k}={v}" for k, v in sorted(merged.items()))})'))
+    over = dict(MethodSpec.parse(f'{spec.name}({cand})').settings)    # parsed and checked here
+    out.append(MethodSpec(spec.name, tuple(sorted((dict(spec.settings) | over).items()))))
   return out
 
 
@@ -116,16 +113,15 @@ def train_learned(jobs: Sequence[Job], closed: Sequence[Job], geometry: CacheGeo
 
 def dev_set(capture_dir: str, max_sequences: int) -> sweep.CacheSet | None:
   """The dev split of the capture as a CacheSet (None when the capture has none)."""
-  from var_jax.capture import CaptureDataset  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(capture_dir, 'manifest.json')) as f:
-    if not json.load(f).get('splits', {}).get('dev'):
-      return None
+  from var_jax.capture_data import CaptureDataset, read_manifest  # pylint: disable=g-import-not-at-top
+  if not read_manifest(capture_dir).get('splits', {}).get('dev'):
+    return None
   return sweep.CacheSet.from_dataset(CaptureDataset(capture_dir, 'dev'), max_sequences)
 
 
 def val_sequences(config: ml_collections.ConfigDict, capture_dir: str) -> int:
   """Sequences of `val` the sweep evaluates, from the capture's manifest (val itself is not opened)."""
-  with open(os.path.join(capture_dir, 'manifest.json')) as f:
-    m = json.load(f)
+  from var_jax.capture_data import read_manifest  # pylint: disable=g-import-not-at-top
+  m = read_manifest(capture_dir)
   n = int(np.sum([m['shards'][s]['num_sequences'] for s in m['splits'].get('val', []) if s in m['shards']]))
   return n if config.sweep.val_sequences <= 0 else min(n, config.sweep.val_sequences)
