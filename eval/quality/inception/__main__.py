@@ -18,7 +18,7 @@ import numpy as np
 
 from eval.quality import distribution
 from eval.quality.inception.api import BATCH, inception_features
-from eval.quality.inception.weights import load_inception
+from eval.quality.inception.weights import cached_inception
 from var_jax import cli
 
 IMAGE_EXT = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff')
@@ -114,7 +114,7 @@ def main() -> None:
     raise NotADirectoryError(f'--json {args.json!r}: its folder does not exist; create it or pick another')
   for s in (args.a, args.b):                   # both checked before the network loads
     _chunks(s, args.batch)
-  model, meta = load_inception(args.weights)
+  model, meta = cached_inception(args.weights)
   fa, fb = source_features(args.a, model, args.batch), source_features(args.b, model, args.batch)
   if args.draws:
     f = distribution.fid_ci(fa, fb, args.level, args.paired, args.draws, args.seed)
