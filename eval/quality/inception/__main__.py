@@ -18,6 +18,7 @@ import numpy as np
 
 from eval.quality import distribution
 from eval.quality.inception.api import BATCH, inception_features
+from eval.quality.inception.network import FEATURES
 from eval.quality.inception.weights import cached_inception
 from var_jax import cli
 
@@ -85,14 +86,14 @@ def source_features(source: str, model, batch: int = BATCH) -> np.ndarray:
     groups: dict[tuple, list[int]] = {}
     for i, im in enumerate(images):
       groups.setdefault((im.shape, im.dtype.str), []).append(i)
-    feats = np.zeros((len(images), 2048))
+    feats = np.zeros((len(images), FEATURES))
     for idx in groups.values():
       try:
         feats[idx] = inception_features(np.stack([images[i] for i in idx]), model, batch=batch)
       except ValueError as e:
         raise cli.UserError(f'{source!r}: {e}') from e
     out.append(feats)
-  return np.concatenate(out) if out else np.zeros((n, 2048))
+  return np.concatenate(out) if out else np.zeros((n, FEATURES))
 
 
 def main() -> None:
@@ -104,11 +105,13 @@ def main() -> None:
   p.add_argument('--batch', type=int, default=BATCH, help='images per forward pass')
   p.add_argument('--paired', action='store_true', help='the i-th images of A and B belong together')
   p.add_argument('--level', type=float, default=0.95, help='confidence level of the bootstrap intervals')
-  p.add_argument('--draws', type=int, default=distribution.DRAWS, help='bootstrap draws (0: no interval)')
+  p.add_argument('--draws', type=int, default=None,
+                 help=f'bootstrap draws (0: no interval; default {distribution.DRAWS}, or 0 when both sets '
+                      f'hold more than {FEATURES} images: each FID then costs about a minute on 2 CPU cores)')
   p.add_argument('--seed', type=int, default=0, help='bootstrap seed')
   p.add_argument('--json', default=None, help='also write the results to this .json file')
   args = p.parse_args()
-  if args.batch < 1 or args.draws < 0 or args.draws == 1:
+  if args.batch < 1 or (args.draws or 0) < 0 or args.draws == 1:
     raise cli.UserError(f'--batch must be >= 1 and --draws 0 or >= 2 (got {args.batch}, {args.draws})')
   if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
     raise NotADirectoryError(f'--json {args.json!r}: its folder does not exist; create it or pick another')
@@ -116,6 +119,10 @@ def main() -> None:
     _chunks(s, args.batch)
   model, meta = cached_inception(args.weights)
   fa, fb = source_features(args.a, model, args.batch), source_features(args.b, model, args.batch)
+  if args.draws is None:
+    args.draws = distribution.DRAWS if min(len(fa), len(fb)) <= FEATURES else 0
+    if not args.draws:
+      print(f'no bootstrap interval: both sets hold more than {FEATURES} images (pass --draws N to ask for one)')
   if args.draws:
     f = distribution.fid_ci(fa, fb, args.level, args.paired, args.draws, args.seed)
     k = distribution.kid_ci(fa, fb, args.level, args.paired, args.draws, args.seed)
