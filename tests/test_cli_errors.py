@@ -26,6 +26,8 @@ REPO = pathlib.Path(__file__).parent.parent
 MISSING = '/nonexistent/var-kv-missing'
 # entry point -> (bad arguments, text the error line must hold)
 BAD = {
+    'eval.quality.inception': ([MISSING, MISSING], 'does not exist'),
+    'eval.quality.inception.check_torch': (['--python', MISSING], 'is not an executable'),
     'eval.frontier': (['--config=configs/frontier.py:tiny', '--workdir={tmp}/run', '--config.sweep.batch=0'],
                       'sweep.batch must be an integer >= 1'),
     'eval.frontier.launch': (['--processes', '0', '--', '--workdir={tmp}/run'], '--processes must be >= 1'),

@@ -31,11 +31,12 @@ def test_closed_loop_stage_on_the_builtin_model(tmp_path, capsys, monkeypatch):
   model = var_jax.load_default()
   geometry = CacheGeometry(model.patch_nums, model.var.cfg.head_dim)
   c = frontier_config.get_config('default')
-  c.closed_loop.update({'methods': ('window',), 'budgets': ('10%',), 'labels': tuple(range(12)), 'seeds': (0,)})
+  c.closed_loop.update({'methods': ('window',), 'budgets': ('10%',), 'labels': tuple(range(12)), 'seeds': (0,),
+                        'repeats': 1})
   paths = Paths(str(tmp_path))
   drawn, generate = {}, closed_loop.generate        # the images of every generation, by policy and seeds
-  def recording(model, labels, seeds, gen, policy=None):
-    out = generate(model, labels, seeds, gen, policy)
+  def recording(model, labels, seeds, gen, policy=None, program=None):
+    out = generate(model, labels, seeds, gen, policy, program)
     drawn[policy is None, tuple(seeds)] = out['images']
     return out
   monkeypatch.setattr(closed_loop, 'generate', recording)
@@ -43,7 +44,8 @@ def test_closed_loop_stage_on_the_builtin_model(tmp_path, capsys, monkeypatch):
                           'amortised_bits_per_coordinate': x}
   write_table(paths.frontier, SWEEP_COLUMNS, [stub('window', '10%', 1.6), stub('window', '5%', 0.8),
                                                stub('kivi', '10%', 1.55), stub('full', 'full', 16.0)])
-  rows, grids = stages.closed_loop_stage(c, paths, model, geometry, lambda spec, comp: None)
+  rows, grids = stages.closed_loop_stage(c, paths, model, geometry, lambda spec, comp: None,
+                                   stages.closed_jobs(c, []))
   by = {r['method']: r for r in rows}
   assert set(by) == {'window', 'full'} and set(grids) == {'val/window'}
   window, floor = by['window'], by['full']
@@ -73,4 +75,5 @@ def test_closed_loop_stage_on_the_builtin_model(tmp_path, capsys, monkeypatch):
   boom = lambda *a, **k: (_ for _ in ()).throw(AssertionError('a finished row was recomputed'))
   monkeypatch.setattr(closed_loop, 'evaluate_policy', boom)
   monkeypatch.setattr(closed_loop, 'noise_floor', boom)
-  assert stages.closed_loop_stage(c, paths, model, geometry, lambda spec, comp: None)[0] == rows
+  assert stages.closed_loop_stage(c, paths, model, geometry, lambda spec, comp: None,
+                                   stages.closed_jobs(c, []))[0] == rows

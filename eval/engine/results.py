@@ -137,7 +137,7 @@ def x_of(r: Mapping[str, Any]) -> float:
 class Paths:
   """Where the outputs of the run in `workdir` live."""
   FILES = {'frontier': 'frontier.csv', 'pareto': 'pareto.csv', 'bounds': 'bounds.csv',
-           'closed': 'closed_loop.csv', 'png': 'frontier.png', 'tb': 'tb', 'capture': 'capture',
+           'closed': 'closed_loop.csv', 'png': 'frontier.png', 'quality_png': 'quality_frontier.png', 'tb': 'tb', 'capture': 'capture',
            'samples': 'closed_loop'}
 
   def __init__(self, workdir: str):

