@@ -13,10 +13,13 @@ import collections
 import math
 from typing import Any, Mapping, Sequence
 
+from matplotlib.ticker import NullFormatter
+
 from eval.engine.results import as_float, x_of
 from eval.report import pareto as pareto_lib
 from eval.report.plots import MARKERS, _family_colours, plt
 
+FID_FLOOR = 1e-3        # FID 0 (or a rounding-negative estimate) drawn here on the log axis
 PANELS = (('fid_vs_full', 'FID vs the full cache (classifier features)', True),
           ('fid_vs_real', 'FID vs real held-out images (classifier features)', False),
           ('token_agreement', 'token agreement with the full cache', False))
@@ -54,7 +57,7 @@ def quality_figure(closed: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[s
     for (fam, method, setting), pts in sorted(series.items()):
       pts = sorted(pts, key=lambda r: _x(r, x_tf))
       x = [_x(r, x_tf) for r in pts]
-      y = [as_float(r, metric) for r in pts]
+      y = [max(as_float(r, metric), FID_FLOOR) if log_y else as_float(r, metric) for r in pts]
       lo = [as_float(r, f'{metric}_ci_low') for r in pts]
       hi = [as_float(r, f'{metric}_ci_high') for r in pts]
       name = method if setting == 'default' else f'{method} (best on dev)' if setting == pareto_lib.BEST \
@@ -71,13 +74,16 @@ def quality_figure(closed: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[s
           else 'full cache'
       ax.axhline(f, color='0.3', ls='--', lw=1.5, label=what)
       if math.isfinite(lo) and math.isfinite(hi):
-        ax.axhspan(lo, hi, color='0.5', alpha=0.15)
+        ax.axhspan(max(lo, FID_FLOOR) if log_y else lo, hi, color='0.5', alpha=0.15)
     ax.set_xscale('log')
     if log_y:
-      ax.set_yscale('symlog', linthresh=0.1)
+      ax.set_yscale('log')
     finite = [x for x in xs if math.isfinite(x) and x > 0]
     if finite:
       ax.set_xlim(min(finite) / 1.3, max(finite) * 1.3)
+      ticks = [t for t in (0.25, 0.5, 1, 2, 4, 8, 16) if min(finite) / 1.3 <= t <= max(finite) * 1.3]
+      ax.set_xticks(ticks, [f'{t:g}' for t in ticks])
+      ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel('amortised bits per cached coordinate (16 = fp16 cache)')
     ax.set_ylabel(label)
     ax.set_title(f'{title}: {label}' if title else label, fontsize=9)
