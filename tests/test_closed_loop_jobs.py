@@ -55,7 +55,7 @@ def test_generation_charts_and_quality_figure():
   assert len(kivi) == 1                         # both settings on the run of "kivi (best on dev)"
   assert [v for _, v in series[kivi[0], 'generation/fid_vs_full']] == [3.0, 0.5]
   floor = series[tb.NOISE_FLOOR_RUN, 'generation/fid_vs_full']
-  assert [v for _, v in floor] == [1.0, 1.0] and floor[0][0] == tb.step_of(0.8) and floor[1][0] == tb.step_of(16)
+  assert [v for _, v in floor] == [1.0, 1.0] and floor[0][0] == tb.step_of(0.8) and floor[1][0] == tb.step_of(4.0)
   fig = quality_plot.quality_figure(closed, rows, 'test')
   assert [ax.get_ylabel() for ax in fig.axes] == ['FID vs the full cache (classifier features)',
                                                  'token agreement with the full cache']

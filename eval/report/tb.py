@@ -223,7 +223,7 @@ def generation_series(rows: Sequence[Mapping[str, Any]], closed: Sequence[Mappin
                       ) -> dict[tuple[str, str], list[tuple[int, float]]]:
   """The `generation/<metric>` charts: each closed-loop point at the x of its teacher-forced point (a
   tuned method's points on one run, as on the frontier); on the charts of distances to the full cache
-  the noise floor (closed_loop.csv's row `full`: two full-cache draws) as a flat run across the x range."""
+  the noise floor (closed_loop.csv's row `full`: two full-cache draws) as a flat run across the points' x range."""
   x_tf = {(r['method'], r['setting'], r['budget']): x_of(r) for r in rows if r['dataset'] == 'val'}
   row_tf = {(r['method'], r['setting'], r['budget']): r for r in rows if r['dataset'] == 'val'}
   points = [r for r in closed if r['method'] != 'full']
@@ -245,7 +245,7 @@ def generation_series(rows: Sequence[Mapping[str, Any]], closed: Sequence[Mappin
   for m in NOISE_FLOOR_METRICS:
     for r in floor:
       if xs and math.isfinite(as_float(r, m)):
-        out[NOISE_FLOOR_RUN, tag('generation', m)] = _points([(min(xs), as_float(r, m)), (16.0, as_float(r, m))])
+        out[NOISE_FLOOR_RUN, tag('generation', m)] = _points([(min(xs), as_float(r, m)), (max(xs), as_float(r, m))])
   return out
 
 
