@@ -5,10 +5,11 @@ between heads and layers); code j occupies bits [o_j, o_j + w_j) of the entry's 
 exclusive cumulative sum of w, least significant bit first. The stream is stored as ceil(E / 8) uint8
 bytes, so the array a state holds is exactly its memory. Requires sum(w) <= E.
 
-Both directions gather whole rows: the entries of a head are laid out (R or bytes, B x M), and each
-stream bit (packing) or code (unpacking) takes one row by a per-head index, so no gather index grows
-with the batch or the entries (a per-element index costs ~3x the time in the composed step, measured
-on a small case with d16's scale schedule).
+Both directions move whole rows: the entries of a head are laid out (R or bytes, B x M); packing adds
+each code's three byte-pieces into their byte rows (a scatter of 3R rows per head), unpacking gathers
+each code's three bytes, so no index grows with the batch or the entries (a per-element index costs ~3x
+the time in the composed step, measured on a small case with d16's scale schedule; packing bit by bit
+cost 8 x bytes rows).
 """
 from __future__ import annotations
 
@@ -38,20 +39,23 @@ def _heads_back(x_HFX: jax.Array, B: int, M: int) -> jax.Array:
 def pack_stream(codes_BHMR: jax.Array, width_HR: jax.Array, num_bits: int) -> jax.Array:
   """Codes (B, H, M, R) (< 2^w) -> (B, H, M, ceil(num_bits / 8)) uint8 streams.
 
-  Stream bit e is bit e - o_j of the code j that holds it (0 past the last code)."""
+  Stream bit e is bit e - o_j of the code j that holds it (0 past the last code). A code of <= 16 bits
+  shifted to its first byte's bit offset spans at most three bytes: each of its three byte-pieces is
+  added (= or-ed: the codes' bit ranges are disjoint) into its byte row, whole rows per head."""
   B, H, M, R = codes_BHMR.shape
   nbytes = -(-num_bits // 8)
   w = width_HR.astype(jnp.int32)
-  end = jnp.cumsum(w, axis=-1)                                                  # (H, R)
-  e = jnp.arange(nbytes * 8, dtype=jnp.int32)
-  j = jnp.sum(end[:, None, :] <= e[None, :, None], axis=-1)                    # (H, E) code holding bit e
-  used = j < R
-  j = jnp.minimum(j, R - 1)
-  t = e[None] - (jnp.take_along_axis(end, j, axis=-1) - jnp.take_along_axis(w, j, axis=-1))
-  code = _rows(_heads_first(codes_BHMR.astype(jnp.uint32)), j)                 # (H, E, BM)
-  bits = jnp.where(used[..., None], (code >> t.astype(jnp.uint32)[..., None]) & 1, 0)
-  byte = (bits.reshape(H, nbytes, 8, B * M) << jnp.arange(8, dtype=jnp.uint32)[:, None]).sum(2)
-  return _heads_back(byte.astype(jnp.uint8), B, M)
+  offset = jnp.cumsum(w, axis=-1) - w                                           # (H, R)
+  mask = (jnp.uint32(1) << w.astype(jnp.uint32)) - 1
+  code = _heads_first(codes_BHMR.astype(jnp.uint32)) & mask[..., None]          # (H, R, BM)
+  shifted = code << (offset % 8).astype(jnp.uint32)[..., None]                  # < 2^23
+  first = offset // 8
+  rows = jnp.concatenate([first + i for i in range(3)], axis=1)                 # (H, 3R)
+  pieces = jnp.concatenate([(shifted >> (8 * i)) & 0xFF for i in range(3)], axis=1)
+  # pieces past the stream are zero (sum(w) <= num_bits): they land in two spare rows, then dropped
+  byte = jax.vmap(lambda r, p: jnp.zeros((nbytes + 2, B * M), jnp.uint32).at[r].add(p, mode='drop'))(
+      jnp.minimum(rows, nbytes + 1), pieces)
+  return _heads_back(byte[:, :nbytes].astype(jnp.uint8), B, M)
 
 
 def unpack_stream(stream_BHMP: jax.Array, width_HR: jax.Array) -> jax.Array:

@@ -39,6 +39,18 @@ def cam_merge(k_ND, v_ND, size_N, score_N, mass_N, valid_N, capacity: int, thres
   return take(k), take(v), take(size), take(score), keep_M
 
 
+def cam_keep_all(k_ND, v_ND, size_N, score_N, mass_N, valid_N, capacity: int):
+  """`cam_merge` when at most `capacity` candidates are valid (none is evicted, so none merges): the
+  same arithmetic on singleton groups (each kept row is w x / w, as `merge_into` computes it), without
+  the similarity matrix and the scatters."""
+  idx_M, keep_M = topk_indices(score_N, valid_N, capacity)
+  w = (mass_N + 1e-30 * size_N)[:, None]
+  one = lambda x: jnp.where(valid_N[:, None], (w * x) / jnp.maximum(w, 1e-30), 0.0)
+  take = lambda x: x[idx_M]
+  zero = lambda x: jnp.where(valid_N, x, jnp.zeros((), x.dtype))
+  return take(one(k_ND)), take(one(v_ND)), take(zero(size_N)), take(zero(score_N)), keep_M
+
+
 @register
 @dataclasses.dataclass(frozen=True)
 class CaM(MergingCompressor):
@@ -78,8 +90,12 @@ class CaM(MergingCompressor):
     col_sum_BHN = cand.attn.sum(axis=2)
     score = col_sum_BHN + cand.extra['score'] if self.accumulate else col_sum_BHN
     mass = cand.attn.mean(axis=2)
-    merge = jax.vmap(jax.vmap(
-        lambda k, v, s, sc, ms, ok: cam_merge(k, v, s, sc, ms, ok, m, self.threshold)))
+    if self.geometry.scale_starts[scale] + cand.k.shape[2] - m <= m:
+      # every candidate fits (static: the `start` tokens so far + the S new ones): nothing merges
+      merge = jax.vmap(jax.vmap(lambda k, v, s, sc, ms, ok: cam_keep_all(k, v, s, sc, ms, ok, m)))
+    else:
+      merge = jax.vmap(jax.vmap(
+          lambda k, v, s, sc, ms, ok: cam_merge(k, v, s, sc, ms, ok, m, self.threshold)))
     k, v, size, score, keep = merge(cand.k, cand.v, self.candidate_sizes(cand), score, mass,
                                     cand.valid)
     extra = {'size': size, 'score': score} if self.accumulate else {'size': size}

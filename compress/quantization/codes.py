@@ -114,9 +114,12 @@ def quantize_per_token(x_XND: jax.Array, bits: int, group: int
 def dequantize_per_token(codes_XND: jax.Array, scale_XNK: jax.Array, zero_XNK: jax.Array, group: int
                          ) -> jax.Array:
   D = codes_XND.shape[-1]
-  g, _ = token_groups(D, group)
-  expand = lambda a: jnp.repeat(a, g, axis=-1, total_repeat_length=a.shape[-1] * g)[..., :D]
-  return dequantize(codes_XND, expand(scale_XNK), expand(zero_XNK))
+  g, ng = token_groups(D, group)
+  # broadcast each group's scale over its channels (a reshape, no gather): the same z + c * s
+  c = jnp.pad(codes_XND, [(0, 0)] * (codes_XND.ndim - 1) + [(0, ng * g - D)])
+  c = c.reshape(c.shape[:-1] + (ng, g))
+  x = dequantize(c, scale_XNK[..., None], zero_XNK[..., None])
+  return x.reshape(x.shape[:-2] + (ng * g,))[..., :D]
 
 
 # ---- per channel: each channel over groups of consecutive entries -------------------------------
@@ -156,6 +159,10 @@ def expand_channel_groups(a_XKD: jax.Array, num_entries: int, group: int) -> jax
 
 def dequantize_per_channel(codes_XMD: jax.Array, scale_XKD: jax.Array, zero_XKD: jax.Array,
                            group: int) -> jax.Array:
-  M = codes_XMD.shape[-2]
-  return dequantize(codes_XMD, expand_channel_groups(scale_XKD, M, group),
-                    expand_channel_groups(zero_XKD, M, group))
+  M, D = codes_XMD.shape[-2:]
+  g, ng = channel_groups(M, group)
+  # broadcast each group's scales over its entries (a reshape, no gather): the same z + c * s
+  c = jnp.pad(codes_XMD, [(0, 0)] * (codes_XMD.ndim - 2) + [(0, ng * g - M), (0, 0)])
+  c = c.reshape(c.shape[:-2] + (ng, g, D))
+  x = dequantize(c, scale_XKD[..., :ng, None, :], zero_XKD[..., :ng, None, :])
+  return x.reshape(x.shape[:-3] + (ng * g, D))[..., :M, :]

@@ -109,20 +109,52 @@ class QuantCache(Compressor):
     return empty_slots(batch, num_heads, M, *code, extra=extra, header=header)
 
   # ---- codec ------------------------------------------------------------------------------------
-  def _decode_one(self, state: Slots, t: str) -> jax.Array:
-    stored, b = getattr(state, t), self.bit_width
+  def _decode_one(self, state: Slots, t: str, n: int | None = None) -> jax.Array:
+    stored, b = getattr(state, t)[:, :, :n], self.bit_width
     if b == 16 or state.capacity == 0:
       return stored.astype(jnp.float32)
     codes = quant.unpack_codes(stored, b, self.geometry.head_dim)
     if self._layouts()[t] == 'token':
-      return quant.dequantize_per_token(codes, state.extra[f'{t}_scale'], state.extra[f'{t}_zero'],
+      ex = state.extra
+      return quant.dequantize_per_token(codes, ex[f'{t}_scale'][:, :, :n], ex[f'{t}_zero'][:, :, :n],
                                         self.group_size)
     return quant.dequantize_per_channel(codes, state.header[f'{t}_scale'], state.header[f'{t}_zero'],
                                         self.group_size)
 
-  def decode(self, state: Slots) -> tuple[jax.Array, jax.Array]:
-    """Dequantised (k, v), float32 (B, H, M, D)."""
-    return self._decode_one(state, 'k'), self._decode_one(state, 'v')
+  def decode(self, state: Slots, n: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Dequantised (k, v), float32 (B, H, M, D); of the first n slots only when n is given."""
+    return self._decode_one(state, 'k', n), self._decode_one(state, 'v', n)
+
+  def _append(self, state: Slots, ck, cv, k_BHSD, v_BHSD, start: int) -> Slots:
+    """The step's store when the scale fits whole after the `start` kept entries (static): the S new
+    tokens go to slots [start, start + S), exactly as `plan_slots`' static append places them. Only what
+    changes is coded: the new tokens (per token), and the slot groups they land in (per channel,
+    re-quantised from their survivors' read-back values (ck, cv: slots [0, start)) plus the new ones)."""
+    b, G, M = self.bit_width, self.group_size, state.capacity
+    S = k_BHSD.shape[2]
+    put = lambda a, x, at: jax.lax.dynamic_update_slice_in_dim(a, x.astype(a.dtype), at, axis=2)
+    new_arrays, extra, header = {}, dict(state.extra), dict(state.header)
+    for t, old, new in (('k', ck, k_BHSD), ('v', cv, v_BHSD)):
+      stored = getattr(state, t)
+      if b == 16:
+        new_arrays[t] = put(stored, new.astype(F16), start)
+      elif self._layouts()[t] == 'token':
+        codes, scale, zero = quant.quantize_per_token(new, b, G)
+        new_arrays[t] = put(stored, quant.pack_codes(codes, b), start)
+        extra[f'{t}_scale'] = put(extra[f'{t}_scale'], scale, start)
+        extra[f'{t}_zero'] = put(extra[f'{t}_zero'], zero, start)
+      else:                        # the groups [g0, g1) the new tokens land in, quantised afresh
+        g0, g1 = start // G, -(-(start + S) // G)
+        lo, hi = g0 * G, min(g1 * G, M)
+        x = jnp.concatenate([old[:, :, lo:start], new.astype(jnp.float32),
+                             jnp.zeros(new.shape[:2] + (hi - start - S, new.shape[3]), jnp.float32)], 2)
+        ok = jnp.broadcast_to(jnp.arange(lo, hi) < start + S, x.shape[:3])
+        codes, scale, zero = quant.quantize_per_channel(x, ok, b, G)
+        new_arrays[t] = put(stored, quant.pack_codes(codes, b), lo)
+        header[f'{t}_scale'] = put(header[f'{t}_scale'], scale, g0)
+        header[f'{t}_zero'] = put(header[f'{t}_zero'], zero, g0)
+    count = jnp.full(state.count.shape, start + S, COUNT_DTYPE)
+    return state.replace(count=count, extra=extra, header=header, **new_arrays)
 
   def _store_one(self, state: Slots, t: str, old_BHMD: jax.Array, new_BHSD: jax.Array,
                  take_new_BHM: jax.Array, src_BHM: jax.Array, valid_BHM: jax.Array
@@ -155,9 +187,18 @@ class QuantCache(Compressor):
   # ---- the step ---------------------------------------------------------------------------------
   def compress_step(self, params, state: Slots, q_BHSD, k_BHSD, v_BHSD, scale: int, ctx):
     del params, ctx
+    M = state.capacity
+    start, S = self.geometry.scale_starts[scale], k_BHSD.shape[2]
+    if start + S <= M and 'score' not in state.extra:
+      # the cache holds exactly the `start` tokens so far in slots [0, start) (nothing was evicted):
+      # decode those only (the empty slots read as zeros: attention masks them, bit for bit as before)
+      # and code only what the new scale changes
+      ck, cv = self.decode(state, start)
+      pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, M - start), (0, 0)))
+      out, _, _ = attend(q_BHSD, pad(ck), pad(cv), state.valid, None, k_BHSD, v_BHSD)
+      return out, (state if self.is_last(scale) else self._append(state, ck, cv, k_BHSD, v_BHSD, start))
     ck, cv = self.decode(state)
     out, p_cache, p_new = attend(q_BHSD, ck, cv, state.valid, None, k_BHSD, v_BHSD)
-    M = state.capacity
     if self.is_last(scale) or M == 0:
       return out, state
     take_new, src, valid, score = plan_slots(self.evict, self.geometry, state, p_cache, p_new, scale)
