@@ -93,6 +93,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.b1 = 0.9
   c.b2 = 0.99
   c.grad_clip = 1.0
+  # memory: the gradient is computed `grad_layers` layers at a time (a divisor of the layer count; the
+  # same loss and gradient, train/compressor_loss.py); 0: the most layers whose float32 attention logits
+  # (per-device batch x heads x sum over scales of queries x keys x 4 bytes) fit `grad_bytes` (<= 0: all
+  # layers at once). The default model's 4 layers fit at once; d16 (16 layers x 16 heads, 680 tokens)
+  # takes 1 layer at a time at batch 4
+  c.grad_layers = 0
+  c.grad_bytes = 2 ** 26
   # evaluation: hard-path error on the validation split (every `eval_every` steps and at the end)
   c.eval_sequences = 64                # at most this many validation sequences
   c.eval_batch = 16                    # sequences per evaluation chunk

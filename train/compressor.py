@@ -36,10 +36,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 import compress
-from compress.core.attention import rel_error
 from compress.core.budget import Budget, CacheGeometry
 from compress.core.teacher_forced import exact_outputs, run_teacher_forced
 from train import common, workdir_guard, workdir_lock
+from train.compressor_loss import (auto_group, grouped_sums, loss_and_grad,  # noqa: F401  (re-exported)
+                                   relaxed_error)
 from var_jax import cli
 # the caches (synthetic or a capture's train and held-out splits) and their provenance; re-exported
 from train.compressor_data import (ArraySplit, PROVENANCE_FILE, QKV, check_provenance,  # noqa: F401
@@ -102,19 +103,13 @@ def check_params(comp: compress.Compressor, params: Any, num_layers: int, num_he
                        f'heads={num_heads})')
 
 
-# ----------------------------------------------------------------------------- loss and step
-def relaxed_error(comp: compress.Compressor, params: Any, q_NBHLD: jax.Array, k_NBHLD: jax.Array,
-                  v_NBHLD: jax.Array) -> jax.Array:
-  """Aggregate relative L2 error of `train_outputs` (vmapped over layers) against the full cache."""
-  out = jax.vmap(comp.train_outputs)(params, q_NBHLD, k_NBHLD, v_NBHLD)
-  return rel_error(out, exact_outputs(q_NBHLD, k_NBHLD, v_NBHLD, comp.geometry.patch_nums))
-
-
+# ----------------------------------------------------------------------------- step
 def train_step(state: common.TrainState, batch: dict[str, jax.Array], hp: common.OptimHParams,
-               comp: compress.Compressor) -> tuple[common.TrainState, dict[str, jax.Array]]:
-  """One AdamW step on batch {'q', 'k', 'v'}: (b, layers, H, L, D), sequence-major (split over 'data')."""
+               comp: compress.Compressor, group: int = 0) -> tuple[common.TrainState, dict[str, jax.Array]]:
+  """One AdamW step on batch {'q', 'k', 'v'}: (b, layers, H, L, D), sequence-major (split over 'data');
+  `group` > 0: the gradient is computed that many layers at a time (train/compressor_loss.py)."""
   q, k, v = (jnp.moveaxis(batch[t], 0, 1) for t in QKV)
-  loss, grads = jax.value_and_grad(lambda p: relaxed_error(comp, p, q, k, v))(state['params'])
+  loss, grads = loss_and_grad(comp, state['params'], q, k, v, group)
   lr = hp.schedule()(state['step'])
   optimizer = common.make_optimizer(hp, state['params'])
   state, guard = common.guarded_update(state, grads, state['rest'], loss, optimizer)
@@ -135,12 +130,13 @@ def _sq_sums(out_NBHLD: jax.Array, exact_NBHLD: jax.Array) -> tuple[jax.Array, j
 
 
 _exact = jax.jit(exact_outputs, static_argnums=3)
-_relaxed = jax.jit(lambda comp, p, q, k, v: jax.vmap(comp.train_outputs)(p, q, k, v), static_argnums=0)
+_soft_sums = jax.jit(grouped_sums, static_argnums=(0, 5))
 
 
 def evaluate(comp: compress.Compressor, params: Any, split: Any, num_sequences: int, chunk: int,
-             relaxed: bool = True) -> dict[str, float]:
-  """Hard-path errors over the first `num_sequences` of `split`, in chunks of `chunk` sequences.
+             relaxed: bool = True, group: int = 0) -> dict[str, float]:
+  """Hard-path errors over the first `num_sequences` of `split`, in chunks of `chunk` sequences (the
+  relaxation's `group` layers at a time: `compressor_loss.grouped_sums`).
 
   Keys: overall, per_layer/<i>, per_scale/<k> (aggregate relative L2, as `compress.errors`),
   bits_over_budget (largest peak bits / budget: <= 1), soft (the relaxation's overall error).
@@ -157,7 +153,7 @@ def evaluate(comp: compress.Compressor, params: Any, split: Any, num_sequences: 
     d2, e2 = d2 + np.asarray(a, np.float64), e2 + np.asarray(b, np.float64)
     peak = max(peak, int(np.max(res['peak_bits'])))
     if relaxed:
-      soft = soft + float(_sq_sums(_relaxed(comp, params, x['q'], x['k'], x['v']), exact)[0].sum())
+      soft = soft + float(_soft_sums(comp, params, x['q'], x['k'], x['v'], group)[0])
   bounds = np.cumsum((0,) + g.scale_sizes)
   d2_NK = np.stack([d2[:, i:j].sum(1) for i, j in zip(bounds[:-1], bounds[1:])], 1)
   e2_NK = np.stack([e2[:, i:j].sum(1) for i, j in zip(bounds[:-1], bounds[1:])], 1)
@@ -232,6 +228,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | 
   if n_train < config.batch_size:
     raise ValueError(f'the training split has {n_train} sequences, fewer than batch_size '
                      f'{config.batch_size}; lower batch_size or capture more')
+  # layers per gradient (and relaxed evaluation) program: train/compressor_loss.py
+  grouping = lambda batch: auto_group(num_layers, config.get('grad_layers', 0),  # noqa: E731
+                                      config.get('grad_bytes', 0), geometry, batch, num_heads)
+  group = grouping(config.batch_size // mesh.size)
+  eval_group = grouping(min(config.eval_batch, config.eval_sequences, val_split.num_sequences))
   info = compressor_info(comp, config.budget, num_layers, num_heads, settings)
   workdir_guard.prepare_workdir(workdir, config, json.dumps(info, indent=2), COMPRESSOR_FILE)
   provenance = data_provenance(config.data)
@@ -248,13 +249,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | 
   hp = common.OptimHParams.from_config(config)
   state = common.replicate(init_train_state(comp, params, hp), mesh)     # donated from here on
   del params
-  jitted = common.jit_step(train_step, mesh, num_consts=1, num_static=1)
-  step_fn = lambda state, batch: jitted(state, batch, hp, comp)  # noqa: E731
+  jitted = common.jit_step(train_step, mesh, num_consts=1, num_static=2)
+  step_fn = lambda state, batch: jitted(state, batch, hp, comp, group)  # noqa: E731
   batch_fn = lambda step: batch_at(train_split, step, config.batch_size, config.seed, mesh)  # noqa: E731
 
   def eval_fn(state: common.TrainState, step: int, writer) -> dict[str, float]:
     del step, writer
-    return evaluate(comp, state['params'], val_split, config.eval_sequences, config.eval_batch)
+    return evaluate(comp, state['params'], val_split, config.eval_sequences, config.eval_batch,
+                    group=eval_group)
 
   mngr = common.checkpoint_manager(workdir, config.keep_ckpts)
   fresh = mngr.latest_step() is None
@@ -269,9 +271,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | 
       write_scalars(writer, 'eval/baseline/', ref, 0)
       logging.info('baseline %s: hard error %.4g', name, ref['overall'])
     writer.close()
+  del calibration                       # the whole training split at most: not held while training
   logging.info('training %s (%d bits per sequence, layer and head; %d shared bits) on %d sequences of '
-               '%d layers x %d heads', comp.name, comp.budget.bits, shared_bits, n_train,
-               num_layers, num_heads)
+               '%d layers x %d heads; gradient over %d layer(s) at a time', comp.name, comp.budget.bits,
+               shared_bits, n_train, num_layers, num_heads, group)
   state, _ = common.train_loop(config, workdir, state, step_fn, batch_fn, eval_fn, stop_at_step)
   return comp, state['params']
 

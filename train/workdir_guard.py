@@ -19,9 +19,11 @@ from absl import logging
 
 from train import workdir_lock
 
-# Keys that do not change what is computed: they may differ when a run is resumed.
+# Keys that do not change what is computed: they may differ when a run is resumed (grad_layers and
+# grad_bytes split the gradient's computation over layers: the same gradient up to float summation order).
 RUNTIME_KEYS = frozenset({'overwrite', 'progress', 'log_every', 'ckpt_every', 'keep_ckpts', 'eval_every',
-                          'eval_at_start', 'eval_at_end', 'allow_code_change', 'distributed'})
+                          'eval_at_start', 'eval_at_end', 'allow_code_change', 'distributed',
+                          'grad_layers', 'grad_bytes'})
 CODE_KEY = 'code_sha256'          # in config.json: the package sources the run was made with
 PACKAGES = ('var_jax', 'compress', 'train', 'eval', 'configs')
 
