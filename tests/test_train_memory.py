@@ -17,7 +17,7 @@ LAYERS = 4
 
 
 def setup(name: str, patch_nums=(1, 2, 3, 4), budget: str = '10%'):
-  """(compressor, params, q, k, v) on 4-layer synthetic caches, 8 sequences; parameters differ per layer
+  """(compressor, params, q, k, v) on 4-layer synthetic caches, 4 sequences; parameters differ per layer
   (calibrated ones by their calibration, the others by a seeded perturbation)."""
   config = configs.get_config(f'tiny,{name}')
   config.data.layers, config.data.patch_nums = LAYERS, patch_nums
@@ -29,7 +29,7 @@ def setup(name: str, patch_nums=(1, 2, 3, 4), budget: str = '10%'):
   if not comp.needs_calibration:
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda a: a + 0.05 * rng.standard_normal(a.shape).astype(np.float32), params)
-  x = train_split.get(np.arange(8))
+  x = train_split.get(np.arange(4))
   return comp, params, x['q'], x['k'], x['v']
 
 
