@@ -8,8 +8,9 @@ Loss: the aggregate relative L2 error sqrt(sum |out - exact|^2 / sum |exact|^2) 
 of every scale's queries, summed over layers, sequences, heads, tokens and dims, where `out` is the
 compressor's differentiable relaxation (`train_outputs`, vmapped over layers) and `exact` the full-cache
 attention (`compress.exact_outputs`); at large geometries (d16) the loss and its gradient are computed a
-few layers at a time, exactly (`config.grad_layers` / `grad_bytes`: train/compressor_loss.py). Batches are sequence-major (b, layers, H, L, D) and split
-over the mesh axis 'data'; the sums are global, so the sharded step computes the single-device loss.
+few layers at a time, exactly (`config.grad_layers` / `grad_bytes`: train/compressor_loss.py). Batches
+are sequence-major (b, layers, H, L, D) and split over the mesh axis 'data'; the sums are global, so the
+sharded step computes the single-device loss.
 Evaluation runs the HARD path (`compress_step`, exactly within the budget) over the validation split.
 
 Workdir: config.json, provenance.json (fingerprints of the model and capture trained on: a resume or
