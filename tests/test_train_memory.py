@@ -106,7 +106,8 @@ def test_training_one_layer_at_a_time_matches(tmp_path):
   resumed with another grad_layers is accepted (it computes the same gradient)."""
   def config(grad_layers):
     c = configs.get_config('tiny')
-    c.num_steps, c.grad_layers, c.eval_every, c.eval_at_start, c.eval_at_end = 10, grad_layers, 0, False, False
+    c.num_steps, c.grad_layers, c.eval_every = 10, grad_layers, 0
+    c.eval_at_start = c.eval_at_end = False
     return c
   _, ref = tc.train(config(0), str(tmp_path / 'all'))
   _, one = tc.train(config(1), str(tmp_path / 'one'))
