@@ -142,6 +142,7 @@ def bench_batch(var, vae, entries, batch: int) -> list[dict[str, Any]]:
   for name, budget, policy, source in entries:
     t0 = time.perf_counter()
     out = _run(var, vae, policy, labels, 0)
+    logging.info('batch %d: %s %s first call %.1f s', batch, name, budget or '', time.perf_counter() - t0)
     rows.append({'policy': name, 'budget': budget, 'batch': batch, 'params': source,
                  'first_call_s': time.perf_counter() - t0, 'times': [], 'rss_peak_bytes': 0,
                  'rss_before_bytes': 0, **_cache_figures(policy, out.cache)})
@@ -154,6 +155,8 @@ def bench_batch(var, vae, entries, batch: int) -> list[dict[str, Any]]:
       out = _run(var, vae, policy, labels, r + 1)
       row['times'].append(time.perf_counter() - t0)
       row['rss_peak_bytes'] = max(row['rss_peak_bytes'], _rss('VmHWM'))
+      logging.info('batch %d run %d: %s %s %.2f s, peak RSS %.2f GiB', batch, r, row['policy'],
+                   row['budget'] or '', row['times'][-1], row['rss_peak_bytes'] / 2**30)
       del out
   full = next((row for row in rows if row['policy'] == 'full'), None)
   for row in rows:

@@ -23,9 +23,20 @@ from compress.core.interface import Compressor
 from var_jax import sampling
 
 
+_CALIBRATION: dict[tuple[int, int, int, int], dict[str, np.ndarray]] = {}
+
+
 def generated_calibration(var, vae, images: int, seed: int = 10_000) -> dict[str, np.ndarray]:
   """{'q', 'k', 'v'} (layers, 2 * images, heads, L, head_dim) float32 of `images` full-cache
-  generations (labels 0..images-1, key `seed`: apart from the benchmark's own seeds)."""
+  generations (labels 0..images-1, key `seed`: apart from the benchmark's own seeds); generated once
+  per model and shared by every compressor and budget of the process."""
+  key = (id(var), id(vae), images, seed)
+  if key not in _CALIBRATION:
+    _CALIBRATION[key] = _generate_calibration(var, vae, images, seed)
+  return _CALIBRATION[key]
+
+
+def _generate_calibration(var, vae, images: int, seed: int) -> dict[str, np.ndarray]:
   cfg = var.cfg
   labels = [i % cfg.num_classes for i in range(images)]
   out = sampling.generate(var, vae, labels, key=jax.random.key(seed), capture_qkv=True)
