@@ -147,7 +147,9 @@ def tiny_model_config():
                   'calibration_sequences': 4, 'batch': 4})
   c.learned.update({'methods': ('lowrank_learned',), 'budgets': ('25%',)})
   c.learned.train.update({'num_steps': 4, 'batch_size': 4, 'eval_sequences': 4, 'calibration_sequences': 4})
-  c.closed_loop.update({'methods': ('window',), 'budgets': ('25%',), 'labels': (1, 2), 'seeds': (0,)})
+  # Inception FID off: the fixture model's images are not worth a 2048-d Inception pass in every test
+  c.closed_loop.update({'methods': ('window',), 'budgets': ('25%',), 'labels': (1, 2), 'seeds': (0,),
+                        'inception': False})
   assert tuple(c.tuning.grids.pca) == ('key_fraction=0.25', 'key_fraction=0.75')   # the tiny variant's grid
   # shared parameters charged to 64 served sequences (the 8 held-out ones would leave lowrank_learned no
   # per-head bits at 25 % once its projections are amortised: sweep.fit_amortised)
@@ -330,7 +332,7 @@ def test_model_frontier_outputs(model_run):
   assert 0 <= float(cl[0]['token_agreement']) <= 1 and -1 <= float(cl[0]['ssim']) <= 1
   assert float(cl[0]['kl']) >= 0 and np.isfinite(float(cl[0]['psnr']))
   assert float(cl[0]['cache_bytes_counted']) <= float(cl[0]['fp16_cache_bytes']) * 0.25 + 1
-  # FID / KID and the noise-floor row are the built-in model's (its classifier's features) only
+  # FID / KID and the noise-floor row: the built-in model's classifier, or Inception (off here)
   assert all(cl[0][c] == '' for c in closed_loop.DISTRIBUTION_COLUMNS)
   assert float(cl[0]['amortised_bits_per_coordinate']) == float(by['window', 'default']['amortised_bits_per_coordinate'])
   for f in ('frontier.png', 'samples_window.png', 'bounds.csv', 'capture/manifest.json', 'tb/.digest'):
@@ -620,7 +622,8 @@ def test_two_processes_reproduce_the_one_process_run(model_run, tmp_path):
            '--config.learned.train.num_steps=4', '--config.learned.train.batch_size=4',
            '--config.learned.train.eval_sequences=4', '--config.learned.train.calibration_sequences=4',
            "--config.closed_loop.methods=('window',)", "--config.closed_loop.budgets=('25%',)",
-           '--config.closed_loop.labels=(1,2)', '--config.closed_loop.seeds=(0,)', '--config.progress=False',
+           '--config.closed_loop.labels=(1,2)', '--config.closed_loop.seeds=(0,)',
+           '--config.closed_loop.inception=False', '--config.progress=False',
            '--config.sweep.served_sequences=64']
   repo = pathlib.Path(__file__).parent.parent
   r = subprocess.run([sys.executable, '-m', 'eval.frontier.launch', '--processes', '2', '--', *flags], cwd=repo,
