@@ -567,7 +567,8 @@ def test_tensorboard_serves_the_frontier(model_run, load_fast):
     images = _get(port, '/data/plugin/images/tags')
     (cl,) = read_csv(os.path.join(model_run, 'closed_loop.csv'))      # window
     window = tb.run_name(cl['family'], cl['method'], cl['setting'])
-    assert set(images['figures']) == {'plots/frontier/val'} and set(images[window]) == {'samples/val'}
+    assert set(images['figures']) == {'plots/frontier/val', 'plots/frontier/quality'}   # + quality_frontier.png
+    assert set(images[window]) == {'samples/val'}
     for run, t in (('figures', 'plots/frontier/val'), (window, 'samples/val')):
       (entry,) = _get(port, '/data/plugin/images/images', run=run, tag=t, sample=0)
       png = _get(port, '/data/plugin/images/individualImage', **dict(urllib.parse.parse_qsl(entry['query'])))
