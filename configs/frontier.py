@@ -14,8 +14,9 @@ Variants:
   default  the built-in default model: the best-known heuristics of every family (+ oracle, full cache)
            at 5 budgets from 3.125 to 50 % of the fp16 cache on 64 held-out sequences, the learned
            eviction and merging compressors (trained on demand, 300 steps, once: their scorers serve
-           every budget), rank bounds, closed loop (the best of every family and composed at 5, 10 and 25 %)
-           on 240 images (20 per class) with FID / KID against the full cache and real images.
+           every budget), rank bounds, closed loop (composed_learned, merge_learned, kivi at 5 and 10 %;
+           all of QUALITY_METHODS at 5, 10, 25 % on request) on 240 images (20 per class) with FID /
+           KID against the full cache and real images.
   hard     no model: every non-learned compressor on the flat and the VAR-schedule hard instance
            against the rate-distortion bound (compress.theory.hard_instance), over 3 draws.
   full     every registered compressor (learned ones trained longer) at 6 budgets on more sequences.
@@ -44,9 +45,14 @@ D16_BUDGETS = ('3.125%', '5%', '10%', '15%', '25%', '50%')
 DEFAULT_METHODS = ('full', 'scalekv', 'cam', 'kivi', 'pca', 'attn_matching', 'composed')
 # the main job's learned compressors (lowrank_learned and evict_learned: in `full`)
 LEARNED = ('merge_learned', 'composed_learned')
-# the closed loop's methods: the best of every family on the frontier, and composed
-CLOSED_LOOP_METHODS = ('composed_learned', 'composed', 'merge_learned', 'kivi', 'pca', 'scalekv',
-                       'attn_matching')
+# the closed loop: the best of every family on the frontier, and composed, at 5, 10 and 25 % (20 points,
+# ~7 min on 2 cores: one program per method and budget, ~10 s of compile and ~7 s of generation each);
+# the 10-minute main job runs three (the best learned of the composed and merging families and the
+# best heuristic) at 5 and 10 %, and extends to all of them on the same workdir (only new points run) with
+#   --config.closed_loop.methods="QUALITY_METHODS" --config.closed_loop.budgets="('5%','10%','25%')"
+QUALITY_METHODS = ('composed_learned', 'composed', 'merge_learned', 'kivi', 'pca', 'scalekv', 'attn_matching')
+CLOSED_LOOP_METHODS = ('composed_learned', 'merge_learned', 'kivi')
+CLOSED_LOOP_BUDGETS = ('5%', '10%')
 # each heuristic family's free setting, chosen per budget on the dev split (tuning.grids): kivi's bit
 # width (the quantiser's rate), pca's split of coefficient dims between keys and values, cam's merge
 # threshold; the others' settings are fixed (docs/frontier.md says why). A first run's dev choices
@@ -143,7 +149,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (tuned methods at the setting chosen on dev for each budget; learned ones at the budgets they are
   # trained at); every seed is one batch of `labels` x `repeats` images, the same for every method
   c.closed_loop = ml_collections.ConfigDict({
-      'methods': CLOSED_LOOP_METHODS, 'budgets': ('5%', '10%', '25%'),
+      'methods': CLOSED_LOOP_METHODS, 'budgets': CLOSED_LOOP_BUDGETS,
       'labels': tuple(range(12)), 'repeats': 20, 'seeds': (0,), 'cfg': 1.5, 'top_k': 0, 'top_p': 0.0,
       # scales whose steps are compiled with XLA's fast-compile options (the early ones: they run in
       # milliseconds but compile in seconds; the later ones, where the run time is, get XLA's defaults)

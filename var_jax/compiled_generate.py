@@ -20,7 +20,6 @@ labels and key (tests/test_compiled_generate.py).
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -31,9 +30,6 @@ from var_jax import sampling
 from var_jax.kvcache import CachePolicy, FullCache
 
 Options = dict[str, Any] | None
-# a compressor's state changes shape between scales, so the step's donated state cannot always be
-# reused for its output: expected, and said once per program by jax otherwise
-warnings.filterwarnings('ignore', message='Some donated buffers were not usable')
 
 
 def _shapes(tree: Any) -> Any:

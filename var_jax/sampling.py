@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any
 
 import jax
@@ -27,6 +28,9 @@ from var_jax.kvcache import CachePolicy, FullCache
 from var_jax.var import VAR
 
 Array = jax.Array
+# a compressor's state changes shape between scales, so the step's donated state cannot always be
+# reused for its output: expected, and said by jax once per compiled program otherwise
+warnings.filterwarnings('ignore', message='Some donated buffers were not usable')
 
 
 @dataclasses.dataclass(frozen=True)
