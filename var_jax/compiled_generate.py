@@ -87,7 +87,7 @@ def compile_generate(var_model: Any, vqvae: nnx.Module, policy: CachePolicy | No
   """Compiles (runs nothing) the start, every scale's step and the decode of generating `batch` images
   with `policy` (None: FullCache). `options_per_scale`: XLA options of each scale's step (None: XLA's
   defaults everywhere); `decode`: a `compile_decode` of this batch size to reuse (else compiled here,
-  with the last scale's options)."""
+  with XLA's defaults: it is compiled once and shared, so its run time counts)."""
   mcfg = var_model.cfg
   num_scales = len(mcfg.patch_nums)
   options = list(options_per_scale) if options_per_scale is not None else [None] * num_scales
@@ -112,7 +112,7 @@ def compile_generate(var_model: Any, vqvae: nnx.Module, policy: CachePolicy | No
     _, f_hat, x, state, _, _ = step.out_info
     steps.append(step)
   if decode is None:
-    decode = compile_decode(vqvae, batch, options[-1])
+    decode = compile_decode(vqvae, batch)
   return CompiledGenerate(policy=policy, batch=batch, num_classes=mcfg.num_classes, var_state=var_state,
                           vae_state=vae_state, start=start, steps=steps, decode=decode,
                           num_scales=num_scales)

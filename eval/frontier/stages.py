@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
@@ -14,6 +13,7 @@ from compress.core.budget import Budget
 from eval.bounds import gaussian_reference, rank_bound
 from eval.engine import sweep
 from eval.engine.params import Params
+from eval.engine.points import free_code
 from eval.engine.results import Paths, ResultTable, write_table
 from eval.engine.sweep import FULL_BUDGET
 from eval.frontier import distributed
@@ -177,6 +177,7 @@ def closed_loop_stage(config, paths: Paths, model, geometry, params: Params, job
       del full
     for i, ((spec, budget), policy) in enumerate(zip(todo, policies)):
       prog = pending.result()
+      free_code()                     # no compile in flight now: frees code past the mapping budget
       pending = pool.submit(program, policies[i + 1]) if i + 1 < len(policies) else None
       row, images = closed_loop.evaluate_policy(model, policy.compressor, policy.params, spec.setting,
                                                 budget, ref[0], labels, cl.seeds, gen, config.confidence,
