@@ -245,3 +245,32 @@ def test_errors_are_explained(model, vae):
   with pytest.raises(ValueError, match='scale 1 of patch_nums'):
     forward_cached(model, jnp.zeros((1,), jnp.int32), jnp.zeros((1, 29, 8)),
                    policy=FullCache((1, 3, 3, 4)))
+
+
+# ------------------------------------------------------------------ class conditioning, once per call
+def test_adaln_modulation_computed_once_per_generate_call(greedy, model, vae):
+  """The blocks' and the head's AdaLN modulations (a third of the weights) are computed in `_start`,
+  once per generate call, and every scale's step reads them: no step multiplies by an `ada_lin`
+  kernel; with them precomputed the backbone and logits are those of the per-block computation."""
+  from var_jax import sampling  # pylint: disable=g-import-not-at-top
+  c = model.cfg.width
+  graph, state = nnx.split(model)
+  vae_graph, vae_state = nnx.split(vae)
+  policy = FullCache(PATCH_NUMS)
+  labels = jnp.asarray([3, 7], jnp.int32)
+  cond, x, cache, f_hat = sampling._start(graph, state, policy, labels)
+  assert len(cond['blocks']) == model.cfg.depth and cond['head'].shape == (4, 1, 2, c)
+  step = sampling._scale_step.lower(graph, state, vae_graph, vae_state, policy, 0, 0, 0.0, False, False,
+                                    cache, x, cond, f_hat, jnp.float32(1.0), jax.random.key(0), None)
+  dots = [ln for ln in step.as_text().splitlines() if 'dot_general' in ln]
+  ada = lambda ln, n: f'tensor<{c}x{n * c}xf32>' in ln and f'tensor<4x{c}xf32>' in ln
+  assert dots and not any(ada(ln, 6) or ada(ln, 2) for ln in dots), 'a scale step recomputes AdaLN'
+  start = sampling._start.lower(graph, state, policy, labels).as_text()
+  assert sum(ada(ln, 6) for ln in start.splitlines() if 'dot_general' in ln) == model.cfg.depth
+
+  h = jnp.asarray(np.random.default_rng(0).standard_normal((4, 5, c)), jnp.float32)
+  dense = lambda layer, q, k, v: (softmax_attention(q, k, v), None)
+  per_block = model.logits(model.backbone(h, cond['cond'], dense)[0], cond['cond'])
+  hoisted = model.logits(model.backbone(h, cond['cond'], dense, mods=cond['blocks'])[0], cond['cond'],
+                         cond['head'])
+  np.testing.assert_array_equal(np.asarray(hoisted), np.asarray(per_block))

@@ -143,9 +143,12 @@ class AdaLNSelfAttn(nnx.Module):
       return self.ada_gss[...] + cond
     return einops.rearrange(self.ada_lin(jax.nn.silu(cond)), 'b (six c) -> b 1 six c', six=6)
 
-  def __call__(self, x_BLC: Array, cond: Array, attend: AttendFn) -> tuple[Array, Any]:
-    """One block; `attend` decides what the queries see. Returns (x_BLC, aux of `attend`)."""
-    mod_B16C = self.modulation(cond)
+  def __call__(self, x_BLC: Array, cond: Array, attend: AttendFn, mod_B16C: Array | None = None
+               ) -> tuple[Array, Any]:
+    """One block; `attend` decides what the queries see; `mod_B16C`: `modulation(cond)` computed
+    beforehand (generation computes it once per call, not once per scale). Returns (x_BLC, aux)."""
+    if mod_B16C is None:
+      mod_B16C = self.modulation(cond)
     gamma1, gamma2, scale1, scale2, shift1, shift2 = (mod_B16C[:, :, i] for i in range(6))
     q, k, v = self.attn.qkv(layer_norm(x_BLC, self.eps) * (1 + scale1) + shift1)
     o_BHLD, aux = attend(q, k, v)
@@ -162,7 +165,12 @@ class AdaLNBeforeHead(nnx.Module):
     self.width, self.eps = c, cfg.norm_eps
     self.ada_lin = linear(c, 2 * c, rngs, kernel_init=trunc_normal(init_std(cfg), INIT_ADALN))
 
-  def __call__(self, x_BLC: Array, cond_BD: Array) -> Array:
-    mod_B12C = einops.rearrange(self.ada_lin(jax.nn.silu(cond_BD)), 'b (two c) -> b 1 two c', two=2)
+  def modulation(self, cond_BD: Array) -> Array:
+    """(B, 1, 2, C): scale, shift."""
+    return einops.rearrange(self.ada_lin(jax.nn.silu(cond_BD)), 'b (two c) -> b 1 two c', two=2)
+
+  def __call__(self, x_BLC: Array, cond_BD: Array, mod_B12C: Array | None = None) -> Array:
+    if mod_B12C is None:
+      mod_B12C = self.modulation(cond_BD)
     scale, shift = mod_B12C[:, :, 0], mod_B12C[:, :, 1]
     return layer_norm(x_BLC, self.eps) * (1 + scale) + shift

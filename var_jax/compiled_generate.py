@@ -56,12 +56,12 @@ class CompiledGenerate:
       raise ValueError(f'this generation was compiled for {self.batch} labels, got {labels_B.shape[0]}; '
                        'compile another with compile_generate(..., batch=...)')
     arrays = sampling.policy_arrays(self.policy)
-    cond_2BD, x_2BlC, state, f_hat = self.start(self.var_state, labels_B)
+    cond_2B, x_2BlC, state, f_hat = self.start(self.var_state, labels_B)
     keys = jax.random.split(key, self.num_scales)
     tokens, logits = [], []
     for scale, step in enumerate(self.steps):
       t = sampling.guidance_weight(cfg, scale, self.num_scales)
-      idx_Bl, f_hat, x_2BlC, state, _, lg = step(self.var_state, self.vae_state, state, x_2BlC, cond_2BD,
+      idx_Bl, f_hat, x_2BlC, state, _, lg = step(self.var_state, self.vae_state, state, x_2BlC, cond_2B,
                                                 f_hat, t, keys[scale], arrays)
       tokens.append(idx_Bl)
       logits.append(lg)

@@ -111,21 +111,23 @@ def bind_arrays(policy: CachePolicy, arrays: Any) -> CachePolicy:
 
 
 def _through_policy(var_model: VAR, policy: CachePolicy, scale: int, state: Any, x_BlC: Array,
-                    cond_BD: Array, capture_qkv: bool) -> tuple[Array, tuple[Any, ...], Any]:
-  """Scale `scale`'s tokens through all blocks, attention by `policy`: (logits, new state, qkv)."""
+                    cond: dict[str, Any], capture_qkv: bool) -> tuple[Array, tuple[Any, ...], Any]:
+  """Scale `scale`'s tokens through all blocks, attention by `policy`: (logits, new state, qkv).
+  `cond`: `var_model.conditioning(cond_BD)`."""
 
   def attend(layer: int, q, k, v):
     out, new_layer_state = policy.attend(state[layer], layer, scale, q, k, v)
     return out, (new_layer_state, (q, k, v) if capture_qkv else None)
 
-  h_BlC, auxes = var_model.backbone(x_BlC, cond_BD, attend)
+  h_BlC, auxes = var_model.backbone(x_BlC, cond['cond'], attend, mods=cond['blocks'])
   qkv = tuple(a[1] for a in auxes) if capture_qkv else None
-  return var_model.logits(h_BlC, cond_BD), tuple(a[0] for a in auxes), qkv
+  return var_model.logits(h_BlC, cond['cond'], cond['head']), tuple(a[0] for a in auxes), qkv
 
 
 @functools.partial(jax.jit, static_argnames=('var_graph', 'policy'))
 def _start(var_graph: nnx.GraphDef, var_state: nnx.State, policy: CachePolicy, labels_B: Array):
-  """(cond (2B, D), first input (2B, pn0^2, C), empty policy state, f_hat zeros (B, pnK, pnK, Cvae))."""
+  """(conditioning of the 2B rows (`VAR.conditioning`: computed once, used by every scale), first input
+  (2B, pn0^2, C), empty policy state, f_hat zeros (B, pnK, pnK, Cvae))."""
   var_model: VAR = nnx.merge(var_graph, var_state)
   cfg = var_model.cfg
   b = labels_B.shape[0]
@@ -134,7 +136,7 @@ def _start(var_graph: nnx.GraphDef, var_state: nnx.State, policy: CachePolicy, l
   state = policy.init(2 * b, cfg.num_heads, cfg.head_dim, cfg.depth, patch_nums=tuple(cfg.patch_nums))
   pn = cfg.patch_nums[-1]
   f_hat = jnp.zeros((b, pn, pn, cfg.z_channels), jnp.float32)
-  return cond_2BD, x_2BlC, state, f_hat
+  return var_model.conditioning(cond_2BD), x_2BlC, state, f_hat
 
 
 def guidance_weight(cfg: float, scale: int, num_scales: int) -> np.float32:
@@ -155,7 +157,7 @@ def guide(logits_2BlV: Any, t: Any) -> Any:
                      'capture_logits'))
 def _scale_step(var_graph: nnx.GraphDef, var_state: nnx.State, vae_graph: nnx.GraphDef,
                 vae_state: nnx.State, policy: CachePolicy, scale: int, top_k: int, top_p: float,
-                capture_qkv: bool, capture_logits: bool, state: Any, x_2BlC: Array, cond_2BD: Array,
+                capture_qkv: bool, capture_logits: bool, state: Any, x_2BlC: Array, cond_2B: dict[str, Any],
                 f_hat_BhwC: Array, t: Array, key: Array, policy_data: Any = None):
   """One scale: blocks through the policy, guided sampling, VQ-VAE update, next input.
 
@@ -168,7 +170,7 @@ def _scale_step(var_graph: nnx.GraphDef, var_state: nnx.State, vae_graph: nnx.Gr
   cfg = var_model.cfg
   pn, b = cfg.patch_nums[scale], x_2BlC.shape[0] // 2
 
-  logits_2BlV, new_state, qkv = _through_policy(var_model, policy, scale, state, x_2BlC, cond_2BD,
+  logits_2BlV, new_state, qkv = _through_policy(var_model, policy, scale, state, x_2BlC, cond_2B,
                                                 capture_qkv)
   guided_BlV = guide(logits_2BlV, t)
   idx_Bl = sample_top_k_top_p(key, guided_BlV, top_k, top_p)
@@ -197,7 +199,8 @@ def _forward_scale(var_graph: nnx.GraphDef, var_state: nnx.State, policy: CacheP
     first_l = cfg.patch_nums[0] ** 2
     begin, end = cfg.begin_ends[scale]
     x_BlC = var_model.embed_next(scale, var_input_BlC[:, begin - first_l:end - first_l])
-  return _through_policy(var_model, policy, scale, state, x_BlC, cond_BD, capture_qkv)
+  return _through_policy(var_model, policy, scale, state, x_BlC, var_model.conditioning(cond_BD),
+                         capture_qkv)
 
 
 @functools.partial(jax.jit, static_argnames=('vae_graph',))
@@ -267,13 +270,13 @@ def generate(var_model: VAR, vqvae: nnx.Module, labels_B: Any, *, key: Array, cf
   vae_graph, vae_state = nnx.split(vqvae)
   num_scales = len(mcfg.patch_nums)
   keys = jax.random.split(key, num_scales)
-  cond_2BD, x_2BlC, state, f_hat = _start(var_graph, var_state, policy, labels_B)
+  cond_2B, x_2BlC, state, f_hat = _start(var_graph, var_state, policy, labels_B)
   tokens, qkvs, logits = [], [], []
   for scale in range(num_scales):
     t = guidance_weight(cfg, scale, num_scales)
     idx_Bl, f_hat, x_2BlC, state, qkv, lg = _scale_step(
         var_graph, var_state, vae_graph, vae_state, policy, scale, int(top_k), float(top_p),
-        capture_qkv, capture_logits, state, x_2BlC, cond_2BD, f_hat, t, keys[scale],
+        capture_qkv, capture_logits, state, x_2BlC, cond_2B, f_hat, t, keys[scale],
         policy_arrays(policy))
     tokens.append(idx_Bl)
     qkvs.append(qkv)

@@ -84,18 +84,30 @@ class VAR(nnx.Module):
     begin, end = self.cfg.begin_ends[scale]
     return self.word_embed(next_BlCv) + self.lvl_pos(begin, end)
 
-  def backbone(self, x_BLC: Array, cond_BD: Array, attend: LayerAttendFn) -> tuple[Array, list[Any]]:
-    """All blocks; `attend(layer, q, k, v)` decides what the queries see. Returns (h_BLC, auxes)."""
+  def conditioning(self, cond_BD: Array) -> dict[str, Any]:
+    """What every scale takes from the class: {'cond': cond_BD, 'blocks': each block's AdaLN
+    modulation (B, 1, 6, C), 'head': head_nm's (B, 1, 2, C)}. Generation computes it once per call and
+    passes it to every scale (`backbone(..., mods=c['blocks'])`, `logits(..., head_mod=c['head'])`):
+    the AdaLN weights (6C^2 per block, a third of the model) are then read once, not once per scale."""
     cond = self.block_cond(cond_BD)
+    return {'cond': cond_BD, 'blocks': tuple(block.modulation(cond) for block in self.blocks),
+            'head': self.head_nm.modulation(cond_BD.astype(jnp.float32))}
+
+  def backbone(self, x_BLC: Array, cond_BD: Array, attend: LayerAttendFn,
+               mods: tuple[Array, ...] | None = None) -> tuple[Array, list[Any]]:
+    """All blocks; `attend(layer, q, k, v)` decides what the queries see; `mods`: the blocks'
+    modulations from `conditioning` (else computed here). Returns (h_BLC, auxes)."""
+    cond = self.block_cond(cond_BD) if mods is None else None
     auxes = []
     for layer, block in enumerate(self.blocks):
-      x_BLC, aux = block(x_BLC, cond, lambda q, k, v, layer=layer: attend(layer, q, k, v))
+      x_BLC, aux = block(x_BLC, cond, lambda q, k, v, layer=layer: attend(layer, q, k, v),
+                         None if mods is None else mods[layer])
       auxes.append(aux)
     return x_BLC, auxes
 
-  def logits(self, h_BLC: Array, cond_BD: Array) -> Array:
-    """(B, L, V) fp32: AdaLN head then Linear."""
-    h_BLC = self.head_nm(h_BLC.astype(jnp.float32), cond_BD.astype(jnp.float32))
+  def logits(self, h_BLC: Array, cond_BD: Array, head_mod: Array | None = None) -> Array:
+    """(B, L, V) fp32: AdaLN head then Linear; `head_mod`: head_nm's modulation from `conditioning`."""
+    h_BLC = self.head_nm(h_BLC.astype(jnp.float32), cond_BD.astype(jnp.float32), head_mod)
     return self.head(h_BLC).astype(jnp.float32)
 
   # ----------------------------------------------------------------------------- forward
