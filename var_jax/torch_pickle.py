@@ -183,6 +183,24 @@ class _SafeUnpickler(pickle.Unpickler):
     return data
 
 
+def archive_record(zf: zipfile.ZipFile, path: str, what: str) -> tuple[str, str, str]:
+  """(data.pkl member, its folder prefix 'name/', byteorder 'little' | 'big') of a torch zip archive
+  (torch.save or torch.jit.save); `what` names the expected kind in the error. Raises
+  `CheckpointFormatError` without exactly one <prefix>/data.pkl or with an unknown byteorder record."""
+  names = zf.namelist()
+  pkls = [n for n in names if n.endswith('/data.pkl') and n.count('/') == 1]
+  if len(pkls) != 1:
+    raise CheckpointFormatError(
+        f'{path!r} is a zip but not a {what}: expected exactly one <prefix>/data.pkl, found {pkls}')
+  prefix = pkls[0][:-len('data.pkl')]
+  byteorder = 'little'
+  if f'{prefix}byteorder' in names:
+    byteorder = zf.read(f'{prefix}byteorder').decode().strip()
+    if byteorder not in ('little', 'big'):
+      raise CheckpointFormatError(f'{path!r}: unknown byteorder record {byteorder!r}')
+  return pkls[0], prefix, byteorder
+
+
 def load_torch_pickle(path: str | os.PathLike) -> Any:
   """Loads any `torch.save` zip checkpoint made of tensors, dicts, lists and plain Python values.
 
@@ -209,18 +227,9 @@ def load_torch_pickle(path: str | os.PathLike) -> Any:
   except (zipfile.BadZipFile, OSError) as e:
     raise CheckpointFormatError(f'{path!r} is a damaged zip archive ({e}); re-download it') from e
   with zf:
-    pkls = [n for n in zf.namelist() if n.endswith('data.pkl') and n.count('/') == 1]
-    if len(pkls) != 1:
-      raise CheckpointFormatError(
-          f'{path!r} is a zip but not a torch checkpoint: expected exactly one <prefix>/data.pkl, found {pkls}')
-    prefix = pkls[0][:-len('data.pkl')]
-    byteorder = 'little'
-    if f'{prefix}byteorder' in zf.namelist():
-      byteorder = zf.read(f'{prefix}byteorder').decode().strip()
-      if byteorder not in ('little', 'big'):
-        raise CheckpointFormatError(f'{path!r}: unknown byteorder record {byteorder!r}')
+    pkl, prefix, byteorder = archive_record(zf, path, 'torch checkpoint')
     try:
-      with zf.open(pkls[0]) as f:
+      with zf.open(pkl) as f:
         return _SafeUnpickler(f, zf, prefix, byteorder, path).load()
     except (UnsafeCheckpointError, CheckpointFormatError):
       raise

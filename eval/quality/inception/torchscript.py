@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from var_jax.torch_pickle import CheckpointFormatError, UnsafeCheckpointError, _SafeUnpickler
+from var_jax.torch_pickle import (CheckpointFormatError, UnsafeCheckpointError, _SafeUnpickler,
+                                  archive_record)
 
 __all__ = ['ScriptObject', 'load_torchscript', 'load_torchscript_tensors']
 
@@ -83,27 +84,17 @@ def load_torchscript(path: str | os.PathLike) -> Any:
   except (zipfile.BadZipFile, OSError) as e:
     raise CheckpointFormatError(f'{path!r} is a damaged zip archive ({e})') from e
   with zf:
-    names = zf.namelist()
-    pkls = [n for n in names if n.endswith('/data.pkl') and n.count('/') == 1]
-    if len(pkls) != 1:
-      raise CheckpointFormatError(f'{path!r} is a zip but not a TorchScript archive: expected exactly one '
-                                  f'<prefix>/data.pkl, found {pkls}')
-    prefix = pkls[0][:-len('data.pkl')]
-    if not any(n.startswith(f'{prefix}code/') for n in names):
+    pkl, prefix, byteorder = archive_record(zf, path, 'TorchScript archive')
+    if not any(n.startswith(f'{prefix}code/') for n in zf.namelist()):
       raise CheckpointFormatError(f'{path!r} has no {prefix}code/ folder: a torch.save checkpoint, not a '
                                   'TorchScript archive (read it with var_jax.torch_pickle)')
-    byteorder = 'little'
-    if f'{prefix}byteorder' in names:
-      byteorder = zf.read(f'{prefix}byteorder').decode().strip()
-      if byteorder not in ('little', 'big'):
-        raise CheckpointFormatError(f'{path!r}: unknown byteorder record {byteorder!r}')
     try:
-      with zf.open(pkls[0]) as f:
+      with zf.open(pkl) as f:
         return _ScriptUnpickler(f, zf, prefix, byteorder, path).load()
     except (UnsafeCheckpointError, CheckpointFormatError):
       raise
     except (Exception,) as e:  # pylint: disable=broad-except  (any other unpickling failure: damaged)
-      raise CheckpointFormatError(f'{path!r}: cannot unpickle {pkls[0]} ({type(e).__name__}: {e}); the '
+      raise CheckpointFormatError(f'{path!r}: cannot unpickle {pkl} ({type(e).__name__}: {e}); the '
                                   'file is damaged') from e
 
 
