@@ -191,11 +191,10 @@ class QuantCache(Compressor):
     start, S = self.geometry.scale_starts[scale], k_BHSD.shape[2]
     if start + S <= M and 'score' not in state.extra:
       # the cache holds exactly the `start` tokens so far in slots [0, start) (nothing was evicted):
-      # decode those only (the empty slots read as zeros: attention masks them, bit for bit as before)
-      # and code only what the new scale changes
+      # decode and attend over those only (the empty slots past them would get zero probability) and
+      # code only what the new scale changes
       ck, cv = self.decode(state, start)
-      pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, M - start), (0, 0)))
-      out, _, _ = attend(q_BHSD, pad(ck), pad(cv), state.valid, None, k_BHSD, v_BHSD)
+      out, _, _ = attend(q_BHSD, ck, cv, state.valid[:, :, :start], None, k_BHSD, v_BHSD)
       return out, (state if self.is_last(scale) else self._append(state, ck, cv, k_BHSD, v_BHSD, start))
     ck, cv = self.decode(state)
     out, p_cache, p_new = attend(q_BHSD, ck, cv, state.valid, None, k_BHSD, v_BHSD)
