@@ -11,6 +11,8 @@ import pytest
 import compress
 from compress.core.accounting import tree_bits
 from compress.core.budget import CacheGeometry
+import compander_reference
+from compress.composed import compander
 from fast_jit import run_scales, run_scales_states
 
 PN, D, H = (1, 2, 3, 4), 8, 2
@@ -39,8 +41,8 @@ def numpy_schedule(g: CacheGeometry, bits: int) -> list[tuple[str, int]]:
 def numpy_reference(comp, params, q, k, v):
   """The schedule in float64 numpy (keep = 1): tokens held at fp16 while they fit; at a coded scale the
   entries held so far (the fp16 tokens, or the coefficients read back at the scale before) and the new
-  tokens' coefficients are quantised at the scale's code and read back; every scale attends to what the
-  scale before left plus its own tokens."""
+  tokens' coefficients are quantised at the scale's code and read back (tests/compander_reference.py);
+  every scale attends to what the scale before left plus its own tokens."""
   p = {n: np.asarray(a[0], np.float64) for n, a in params.items()}
   f16 = lambda a: np.asarray(np.asarray(a, np.float16), np.float64)
   mean, basis = ({t: f16(p[f'{t}_{n}']) for t in 'kv'} for n in ('mean', 'basis'))
@@ -68,12 +70,9 @@ def numpy_reference(comp, params, q, k, v):
       old = (np.zeros(q.shape[:2] + (0, basis[t].shape[-1])) if held is None else
              project(t, held[1][t]) if held[0] == 'exact' else held[1][t])
       coef = np.concatenate([old, project(t, x[t][:, :, st:st + S])], 2)
-      step, w = f16(p[f'{t}_step'][:, c])[None, :, None], np.round(p[f'{t}_width'][:, c])[None, :, None]
-      # the quotient in float32, as codes are computed: in float64 one 6e-9 below a cell boundary
-      # (a 10-bit code at 60 %) lands in the cell below, float32 rounds it onto the boundary
-      z = coef.astype(np.float32) / step.astype(np.float32) + (2 ** w / 2).astype(np.float32)
-      code = np.clip(np.floor(z).astype(np.float64), 0, 2 ** w - 1)
-      back[t] = (code + 0.5 - 2 ** w / 2) * step
+      step, w = f16(p[f'{t}_step'][:, c]), np.round(p[f'{t}_width'][:, c])          # (H, R)
+      back[t] = np.stack([compander_reference.quantise_read_back(
+          coef[:, h], step[h], w[h], compander.SPREAD[w[h].astype(int)]) for h in range(coef.shape[1])], 1)
     held = ('coded', back)
   return out, plan, codes
 

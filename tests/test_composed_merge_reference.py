@@ -14,9 +14,10 @@ has): before every scale it takes what the state holds as its step reads it (`re
 held exactly at the geometry dtype, or coded coefficients read back through the basis), takes the
 slots from the state after the step, and checks that state against its own entries in any slot order
 (attention does not see the order): counts and sizes equal, exact entries at fp16 precision, coded
-coefficients on the state's quantiser within half a step of the reference's merged coefficients
-(`quantiser_range`: the docstring's midrise range of the code in force). `read_back`,
-`quantiser_range` and `_coded_stage` are the only places that know how entries are coded. Checked
+coefficients read back as the state's quantiser reads back the reference's merged coefficients, up
+to a neighbouring cell (`coded_like`, with the docstring's compander: tests/compander_reference.py).
+`read_back`, `quantiser`, `coded_like` and `_coded_stage` are the only places that know how entries
+are coded. Checked
 per scale: outputs, stored entries, sizes and counts; at keep = 0.5 and at the automatic keep of
 5 / 10 / 25 %. Faults caught (checked by breaking transform_code.py in a scratch copy): the log(size)
 bias dropped, the threshold ignored, size weights instead of attention mass (each fails all 8 cases).
@@ -28,7 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import compander_reference
 import compress
+from compress.composed import compander
 from compress.core.budget import CacheGeometry
 from fast_jit import FAST
 
@@ -75,12 +78,21 @@ def read_back(comp, p, state, scale):
   return {**out, 'exact': False, 'coef': coef, **rebuilt}
 
 
-def quantiser_range(comp, p, t, scale):
-  """(step, lowest, highest read-back value) (H, R) of the code the state after `scale` uses."""
+def quantiser(comp, p, t, scale):
+  """(scale, width) (H, R) of tensor t's code in the state after `scale`."""
   code = _coded_stage(comp, scale)
   step, width = comp.step_width(p, t) if code is None else comp.step_width(p, t, code)
-  step, levels = np.asarray(step, np.float64), 2.0 ** np.asarray(width, np.float64)
-  return step, (0.5 - levels / 2) * step, (levels / 2 - 0.5) * step
+  return np.asarray(step, np.float64), np.round(np.asarray(width)).astype(int)
+
+
+def coded_like(got_N, want_N, s, w):
+  """(N,) bool: the state's read-back values `got` are what the quantiser of scale s and width w reads
+  back (the centroid of their own cell, tests/compander_reference.py) for the reference's values
+  `want`, up to a neighbouring cell (float32 rounding of the merge may cross an edge)."""
+  mine = compander_reference.code(got_N / s, w)
+  back = compander_reference.centroid(mine, w, compander.SPREAD[w]) * s
+  theirs = compander_reference.code(want_N / s, w)
+  return (np.abs(got_N - back) <= 1e-5 * np.abs(back) + 1e-7) & (np.abs(mine - theirs) <= 1)
 
 
 # ---- the reference step -----------------------------------------------------------------------
@@ -157,7 +169,7 @@ def matching(ok):
 def check_stored(comp, p, after, entries, scale, what):
   """The state after `scale` holds the reference's entries (in any slot order: attention does not see
   the order): the same count and sizes; exact entries at the geometry dtype; coded coefficients on the
-  state's quantiser within half a step of the reference's (clipped to its range)."""
+  state's quantiser's read-backs of the reference's (up to a neighbouring cell: `coded_like`)."""
   count = after['valid'].sum(-1)
   for (b, h), want in entries.items():
     n = len(want)
@@ -170,9 +182,9 @@ def check_stored(comp, p, after, entries, scale, what):
           ok[j] &= np.all(np.abs(got[b, h, :n] - x) <= 1e-3 * np.abs(x) + 1e-6, axis=-1)
         continue
       for t in 'kv':
-        step, lo, hi = quantiser_range(comp, p, t, scale)
-        near = np.abs(after['coef'][t][b, h, :n] - np.clip(coef[t], lo[h], hi[h])) <= step[h] / 2 * (1 + 1e-4) + 1e-6
-        ok[j] &= near.all(-1)
+        step, width = quantiser(comp, p, t, scale)
+        for r in range(step.shape[1]):
+          ok[j] &= coded_like(after['coef'][t][b, h, :n, r], coef[t][r], step[h, r], width[h, r])
     assert matching(ok) is not None, (what, b, h, ok.sum(1))
 
 

@@ -5,7 +5,7 @@ Each head's keys and values are rotated into their PCA bases; component j of ten
 lambda_tj and a weight a_tj: the expected squared attention-output error one unit of its coding noise
 causes. Value components weigh 1; key component j weighs E[(q . u_j)^2] * tr(Cov v) (a key error e_j
 moves the logit by (q . u_j) e_j, which moves the output by that times (v_i - out); both sum over tokens
-with the same p_i^2). A component coded with w bits by the MSE-optimal uniform quantiser of a Gaussian
+with the same p_i^2). A component coded with w bits by the Gaussian compander (compress.composed.compander)
 keeps lambda * GAUSS_MSE[w] of its variance; `allocate` spends E bits per entry where they remove most
 weighted distortion (optimal for these convex curves: reverse water-filling restricted to integers).
 """
@@ -15,15 +15,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from compress.composed import compander
 from compress.composed.bitstream import MAX_WIDTH
 
-# Uniform quantiser of a unit Gaussian with 2^w levels at its MSE-optimal step (w = 0: the component is
-# dropped and read back as its mean): step and mean squared error, both per unit variance. w <= 8: Max
-# (1960); w = 9..16: the optimum computed numerically (tests/test_composed.py recomputes every entry).
-GAUSS_STEP = np.array([1.0, 1.596, 0.9957, 0.5860, 0.3352, 0.1881, 0.1041, 0.0569, 0.0308,
-                       0.0165, 0.008785, 0.00465, 0.002448, 0.001284, 0.0006705, 0.0003491, 0.0001812])
-GAUSS_MSE = np.array([1.0, 0.3634, 0.1188, 0.03744, 0.01154, 0.00349, 0.001035, 0.0003011, 0.0000863,
-                      2.492e-05, 6.997e-06, 1.944e-06, 5.355e-07, 1.464e-07, 3.974e-08, 1.073e-08, 2.881e-09])
+# the quantiser's MSE per unit variance at each width (w = 0: the component is dropped and read back as
+# its mean) and the spread that makes its scale (compress.composed.compander)
+GAUSS_MSE, GAUSS_SPREAD = compander.MSE, compander.SPREAD
 
 
 def head_statistics(calibration: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -82,7 +79,7 @@ def allocate_nested(weighted_var_XR: np.ndarray, num_bits: Sequence[int], max_wi
 def transform_code_params(stats: Mapping[str, np.ndarray], code_bits: Sequence[int], key_weight: float = 1.0,
                           step_scale: float = 1.0) -> dict[str, np.ndarray]:
   """Means and bases (N, H, D, r) per (layer, head), and per code c (one per entry width E_c of
-  `code_bits`, widest first) steps and widths (float, integral) (N, H, C, r); bases truncated after the
+  `code_bits`, widest first) steps (the compander's scales: spread x standard deviation) and widths (float, integral) (N, H, C, r); bases truncated after the
   last component any head codes (at least 1) per tensor. The greedy allocation is nested: a narrower
   E gives every component at most the width a wider one gives it."""
   N, H, D = stats['k_var'].shape
@@ -97,6 +94,6 @@ def transform_code_params(stats: Mapping[str, np.ndarray], code_bits: Sequence[i
     sd = np.sqrt(stats[f'{t}_var'][:, :, None, :r])
     params[f'{t}_mean'] = stats[f'{t}_mean']
     params[f'{t}_basis'] = stats[f'{t}_basis'][..., :r]
-    params[f'{t}_step'] = np.maximum(step_scale * sd * GAUSS_STEP[w[..., :r]], 1e-6)
+    params[f'{t}_step'] = np.maximum(step_scale * sd * GAUSS_SPREAD[w[..., :r]], 1e-6)
     params[f'{t}_width'] = w[..., :r].astype(np.float32)
   return params

@@ -7,7 +7,7 @@ of compress.composed.schedule): every scale attends to the entries read back fro
 state absorbs the scale (kept exact while it fits, appended, or merged into the kept slots exactly as
 the hard path does: the selection and the merge targets carry no gradient, the merged coefficients do)
 and is re-coded at the stage's widths; codes are rounded with a straight-through estimator (LSQ: the
-step gets the gradient of the rounding residual) and the stored parameters with a straight-through
+compander's scale gets the gradient of the read-back residual) and the stored parameters with a straight-through
 float16 cast. The forward pass equals the hard path. Widths stay the allocation's; the steps of every
 code are trained; one basis per tensor, stored once (decoder = encoder transposed), as `composed`.
 """
@@ -18,6 +18,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from compress.composed import compander
 from compress.composed.transform_code import TransformCodeBase, _TENSORS
 from compress.core.registry import register
 from compress.core.relax import pyramid_attention, straight_through_cast
@@ -70,10 +71,9 @@ class TransformCodeLearned(TransformCodeBase):
     out = {}
     for t in _TENSORS:
       step, width = (a[None, :, None] for a in self.step_width(params, t, code))
-      levels = jnp.exp2(width)
-      z = coef[t] / step + levels / 2 - 0.5
-      c = jnp.clip(jnp.floor(coef[t] / step + levels / 2), 0, levels - 1)
-      out[t] = (z + jax.lax.stop_gradient(c - z) + 0.5 - levels / 2) * step
+      z = coef[t] / step
+      r = jax.lax.stop_gradient(compander.read_back(compander.quantize(coef[t], step, width), width))
+      out[t] = (z + jax.lax.stop_gradient(r - z)) * step
     return out
 
   def train_outputs(self, params, q_BHLD, k_BHLD, v_BHLD) -> jax.Array:

@@ -13,9 +13,11 @@ narrower widths (nested allocations: never up), plus a uint16 size per entry onc
 bias log(size)), and the 16-bit count. Shared parameters per (layer, head), counted apart: means and
 bases (float16), per code (distinct E_s) steps (float16) and widths (uint8).
 
-A stored code c of width w reads back as the coefficient (c + 1/2 - 2^w / 2) * step (midrise; w = 0
-reads 0, the mean); re-encoding a read-back coefficient at the same width and step gives c again, so
-kept entries never drift; at a narrower width it is quantised again from its read-back value.
+Each coefficient is coded by a Gaussian compander (compress.composed.compander: 2^w cells equally likely
+under the component's Gaussian, read back at their centroids; near Lloyd-Max, 0.48x the uniform
+quantiser's MSE at 8 bits), its scale the parameters' `step`; w = 0 reads 0, the mean. Re-encoding a
+read-back coefficient at the same width and scale gives its code again, so kept entries never drift;
+at a narrower width it is quantised again from its read-back value.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compress.composed import allocation, schedule
+from compress.composed.compander import dequantize, quantize
 from compress.composed.bitstream import pack_stream, unpack_stream
 from compress.core.accounting import COUNT_DTYPE
 from compress.core.attention import attend
@@ -50,16 +53,6 @@ def _group_means(rows_M: jax.Array, target_N: jax.Array, weight_N: jax.Array, x_
   num = (onehot_MN * weight_N[None, :]) @ x_NF
   den = onehot_MN @ weight_N
   return jnp.where(den[:, None] > 0, num / jnp.where(den > 0, den, 1.0)[:, None], 0.0), onehot_MN @ size_N
-
-
-def quantize(coef: jax.Array, step: jax.Array, width: jax.Array) -> jax.Array:
-  """Codes in [0, 2^w - 1] of coefficients (..., R) (step, width broadcast on the last axis)."""
-  levels = jnp.exp2(width)
-  return jnp.clip(jnp.floor(coef / step + levels / 2), 0, levels - 1)
-
-
-def dequantize(code: jax.Array, step: jax.Array, width: jax.Array) -> jax.Array:
-  return (code + 0.5 - jnp.exp2(width) / 2) * step
 
 
 @dataclasses.dataclass(frozen=True)
