@@ -160,21 +160,28 @@ class TransformCodeBase(Compressor):
     mean = params[f'{t}_mean'].astype(self.geometry.kv_dtype).astype(jnp.float32)
     return jnp.einsum('bhmr,hrd->bhmd', coef_BHMR, self.decoder(params, t)) + mean[None, :, None]
 
+  def scales_widths(self, params, code: int) -> tuple[jax.Array, jax.Array]:
+    """(H, Rk + Rv) quantiser scales and widths (float) of one entry's stream in code `code`: the keys'
+    components, then the values'."""
+    sw = [self.step_width(params, t, code) for t in _TENSORS]
+    return jnp.concatenate([a[0] for a in sw], -1), jnp.concatenate([a[1] for a in sw], -1)
+
   def widths(self, params, code: int) -> jax.Array:
     """(H, Rk + Rv) widths of one entry's stream in code `code`."""
-    return jnp.concatenate([self.step_width(params, t, code)[1] for t in _TENSORS], -1).astype(jnp.int32)
+    return self.scales_widths(params, code)[1].astype(jnp.int32)
 
   def encode(self, params, coef: dict[str, jax.Array], code: int, num_bits: int) -> jax.Array:
-    codes = [quantize(coef[t], *(a[None, :, None] for a in self.step_width(params, t, code))) for t in _TENSORS]
-    return pack_stream(jnp.concatenate(codes, -1).astype(jnp.int32), self.widths(params, code), num_bits)
+    scale, width = self.scales_widths(params, code)          # keys and values coded in one pass
+    codes = quantize(jnp.concatenate([coef[t] for t in _TENSORS], -1), scale[None, :, None], width[None, :, None])
+    return pack_stream(codes.astype(jnp.int32), width.astype(jnp.int32), num_bits)
 
   def decode(self, params, stream_BHMP: jax.Array, code: int) -> dict[str, jax.Array]:
     """Read-back coefficients {'k', 'v'} (B, H, M, R_t)."""
-    codes = unpack_stream(stream_BHMP, self.widths(params, code)).astype(jnp.float32)
+    scale, width = self.scales_widths(params, code)
+    codes = unpack_stream(stream_BHMP, width.astype(jnp.int32)).astype(jnp.float32)
+    back = dequantize(codes, scale[None, :, None], width[None, :, None])
     rk = params['k_width'].shape[-1]
-    parts = {'k': codes[..., :rk], 'v': codes[..., rk:]}
-    return {t: dequantize(parts[t], *(a[None, :, None] for a in self.step_width(params, t, code)))
-            for t in _TENSORS}
+    return {'k': back[..., :rk], 'v': back[..., rk:]}
 
   # ---- the step (shared by the hard path and the learned relaxation) -------------------------
   def coded_view(self, params, coef, size_BHM, valid_BHM) -> dict[str, Any]:
