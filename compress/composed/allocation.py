@@ -5,9 +5,9 @@ Each head's keys and values are rotated into their PCA bases; component j of ten
 lambda_tj and a weight a_tj: the expected squared attention-output error one unit of its coding noise
 causes. Value components weigh 1; key component j weighs E[(q . u_j)^2] * tr(Cov v) (a key error e_j
 moves the logit by (q . u_j) e_j, which moves the output by that times (v_i - out); both sum over tokens
-with the same p_i^2). A component coded with w bits by the Gaussian compander (compress.composed.compander)
-keeps lambda * GAUSS_MSE[w] of its variance; `allocate` spends E bits per entry where they remove most
-weighted distortion (optimal for these convex curves: reverse water-filling restricted to integers).
+with the same p_i^2). A component coded with w bits by the Gaussian compander
+(compress.composed.compander) keeps lambda * GAUSS_MSE[w] of its variance; `allocate` spends E bits per
+entry where they remove most weighted distortion (optimal for these convex curves: reverse water-filling restricted to integers).
 """
 from __future__ import annotations
 
@@ -79,8 +79,9 @@ def allocate_nested(weighted_var_XR: np.ndarray, num_bits: Sequence[int], max_wi
 def transform_code_params(stats: Mapping[str, np.ndarray], code_bits: Sequence[int], key_weight: float = 1.0,
                           step_scale: float = 1.0) -> dict[str, np.ndarray]:
   """Means and bases (N, H, D, r) per (layer, head), and per code c (one per entry width E_c of
-  `code_bits`, widest first) steps (the compander's scales: spread x standard deviation) and widths (float, integral) (N, H, C, r); bases truncated after the
-  last component any head codes (at least 1) per tensor. The greedy allocation is nested: a narrower
+  `code_bits`, widest first) steps (the compander's scales: spread x standard deviation) and widths
+  (float, integral) (N, H, C, r); bases truncated after the last component any head codes (at least 1)
+  per tensor. The greedy allocation is nested: a narrower
   E gives every component at most the width a wider one gives it."""
   N, H, D = stats['k_var'].shape
   wv = np.concatenate([key_weight * stats['k_weight'] * stats['k_var'], stats['v_weight'] * stats['v_var']], -1)

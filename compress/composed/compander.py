@@ -24,8 +24,9 @@ cell edges EDGES (float32, 2^w - 1 per width, from offset 2^w - w - 1) and the c
 (float32, 2^w per width, from offset 2^w - 2), both in units of s. A code is the cell whose float32
 edges hold x / s: 2^w Phi(x / s) (Phi in float32 from erf, within ~1e-7 of the exact one) is within a
 hair of the truth, so only its nearest edge can be on the wrong side; one comparison with that edge
-gives the exact cell (and numpy reproduces it). The tables are the quantiser's definition, the same for every model and
-budget, like a uniform quantiser's formula: no state or parameter holds them (1 MB of constants).
+gives the exact cell (and numpy reproduces it). The tables are the quantiser's definition, the same
+for every model and budget, like a uniform quantiser's formula: no state or parameter holds them (1 MB
+of constants; computed at import in 0.4 s).
 
 Re-encoding a read-back value with the same width and scale gives its code again (a centroid lies
 inside its cell, >= 4e-6 from its edges in probability at 16 bits, far beyond float32's error; test:
@@ -39,6 +40,7 @@ import numpy as np
 from scipy import optimize, special
 
 from compress.composed.bitstream import MAX_WIDTH
+
 
 def _cells(w: int, spread: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Edges (2^w + 1) of the unit Gaussian's cells at spread `spread`, their probabilities and the

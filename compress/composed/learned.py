@@ -6,10 +6,10 @@ trained with optax (train.compressor) through the hard path's own schedule (`tra
 of compress.composed.schedule): every scale attends to the entries read back from the state, then the
 state absorbs the scale (kept exact while it fits, appended, or merged into the kept slots exactly as
 the hard path does: the selection and the merge targets carry no gradient, the merged coefficients do)
-and is re-coded at the stage's widths; codes are rounded with a straight-through estimator (LSQ: the
-compander's scale gets the gradient of the read-back residual) and the stored parameters with a straight-through
-float16 cast. The forward pass equals the hard path. Widths stay the allocation's; the steps of every
-code are trained; one basis per tensor, stored once (decoder = encoder transposed), as `composed`.
+and is re-coded at the stage's widths; codes are read back with a straight-through estimator (LSQ:
+the compander's scale gets the gradient of the read-back residual) and the stored parameters with a
+straight-through float16 cast. The forward pass equals the hard path. Widths stay the allocation's;
+the steps (scales) of every code are trained; one basis per tensor, stored once (decoder = encoder transposed), as `composed`.
 """
 from __future__ import annotations
 

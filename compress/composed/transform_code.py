@@ -172,7 +172,8 @@ class TransformCodeBase(Compressor):
 
   def encode(self, params, coef: dict[str, jax.Array], code: int, num_bits: int) -> jax.Array:
     scale, width = self.scales_widths(params, code)          # keys and values coded in one pass
-    codes = quantize(jnp.concatenate([coef[t] for t in _TENSORS], -1), scale[None, :, None], width[None, :, None])
+    x = jnp.concatenate([coef[t] for t in _TENSORS], -1)
+    codes = quantize(x, scale[None, :, None], width[None, :, None])
     return pack_stream(codes.astype(jnp.int32), width.astype(jnp.int32), num_bits)
 
   def decode(self, params, stream_BHMP: jax.Array, code: int) -> dict[str, jax.Array]:
