@@ -9,7 +9,9 @@ Both directions move whole rows: the entries of a head are laid out (R or bytes,
 each code's three byte-pieces into their byte rows (a scatter of 3R rows per head), unpacking gathers
 each code's three bytes, so no index grows with the batch or the entries (a per-element index costs ~3x
 the time in the composed step, measured on a small case with d16's scale schedule; packing bit by bit
-cost 8 x bytes rows).
+cost 8 x bytes rows). Packing first holds the codes in memory as uint16, in their own layout and then
+heads first: left to XLA's fusion, the codes' producer (the quantiser, the merge) was recomputed for
+each of the three pieces in transposed order, 60 % of the composed step's time at d16 (docs/engine.md).
 """
 from __future__ import annotations
 
@@ -36,6 +38,12 @@ def _heads_back(x_HFX: jax.Array, B: int, M: int) -> jax.Array:
   return jnp.transpose(x_HFX.reshape(H, F, B, M), (2, 0, 3, 1))
 
 
+def _held(x: jax.Array, valid: jax.Array) -> jax.Array:
+  """x, computed into memory before its consumers run: XLA fuses no producer across a conditional
+  (its optimisation barrier is dropped on CPU). `valid`: a traced True."""
+  return jax.lax.cond(valid, lambda a: a, jnp.zeros_like, x)
+
+
 def pack_stream(codes_BHMR: jax.Array, width_HR: jax.Array, num_bits: int) -> jax.Array:
   """Codes (B, H, M, R) (< 2^w) -> (B, H, M, ceil(num_bits / 8)) uint8 streams.
 
@@ -47,11 +55,16 @@ def pack_stream(codes_BHMR: jax.Array, width_HR: jax.Array, num_bits: int) -> ja
   w = width_HR.astype(jnp.int32)
   offset = jnp.cumsum(w, axis=-1) - w                                           # (H, R)
   mask = (jnp.uint32(1) << w.astype(jnp.uint32)) - 1
-  code = _heads_first(codes_BHMR.astype(jnp.uint32)) & mask[..., None]          # (H, R, BM)
+  # the codes as uint16 in their own layout, then heads first (H, R, BM), each held in memory (module
+  # doc: fused into the pieces below, their whole producer ran three times, in transposed order)
+  valid = jnp.all(w >= 0)                            # always true; traced, so XLA keeps the boundary
+  code = _held(codes_BHMR.astype(jnp.uint32).astype(jnp.uint16), valid)
+  code = _held(_heads_first(code), valid).astype(jnp.uint32) & mask[..., None]   # (H, R, BM)
   shifted = code << (offset % 8).astype(jnp.uint32)[..., None]                  # < 2^23
   first = offset // 8
   rows = jnp.concatenate([first + i for i in range(3)], axis=1)                 # (H, 3R)
-  pieces = jnp.concatenate([(shifted >> (8 * i)) & 0xFF for i in range(3)], axis=1)
+  pieces = ((shifted[:, None] >> jnp.arange(0, 24, 8, dtype=jnp.uint32)[None, :, None, None]) & 0xFF
+            ).reshape(H, 3 * R, B * M)                                          # piece-major, as rows
   # pieces past the stream are zero (sum(w) <= num_bits): they land in two spare rows, then dropped
   byte = jax.vmap(lambda r, p: jnp.zeros((nbytes + 2, B * M), jnp.uint32).at[r].add(p, mode='drop'))(
       jnp.minimum(rows, nbytes + 1), pieces)
