@@ -24,37 +24,48 @@ def calib(seed=1, B=2, patch_nums=PN):
   return {'q': np.asarray(q), 'k': np.asarray(k), 'v': np.asarray(v)}
 
 
-def numpy_schedule(g: CacheGeometry, bits: int) -> list[tuple[str, int]]:
-  """(mode, stream bits E) after each scale but the last, with one slot per token (keep = 1): exact at
-  fp16 while the tokens so far and the count fit, then E = the widest multiple of 8 with 16 + T E <= bits,
-  never wider than the scale before, at most 16 bits per coordinate."""
-  out, last = [], None
-  for T in g.scale_starts[1:]:
-    if last is None and T * 2 * g.head_dim * 16 + 16 <= bits:
-      out.append(('exact', 2 * g.head_dim * 16))
-      continue
-    last = min((bits - 16) // T // 8 * 8, 2 * g.head_dim * 16, last or 1 << 30)
-    out.append(('coded', last))
-  return out
+def numpy_schedule(g: CacheGeometry, bits: int) -> tuple[list[tuple[str, int]], int]:
+  """(mode, stream bits E) after each scale but the last, with one slot per token (keep = 1), and the
+  sink n: exact at fp16 while the tokens so far and the count fit; then the first scale's n = n_0
+  tokens stay at fp16 (the sink) and the other T - n are coded at E = the widest multiple of 8 with
+  16 + n 2D 16 + (T - n) E <= bits, never wider than the scale before, at most 16 bits per coordinate;
+  with n = 0 where the sink would leave a scale with no bits that n = 0 codes (these cases: no empty
+  stage)."""
+  def plan(n):
+    out, last = [], None
+    for T in g.scale_starts[1:]:
+      if last is None and T * 2 * g.head_dim * 16 + 16 <= bits:
+        out.append(('exact', 2 * g.head_dim * 16))
+        continue
+      last = min((bits - 16 - n * 2 * g.head_dim * 16) // (T - n) // 8 * 8, 2 * g.head_dim * 16,
+                 last or 1 << 30)
+      out.append(('coded', last))
+    return out
+  n0 = g.scale_sizes[0]
+  with_sink, without = plan(n0), plan(0)
+  assert all(E > 0 for _, E in without), 'these cases code every scale'
+  return (with_sink, n0) if all(E > 0 for _, E in with_sink) else (without, 0)
 
 
 def numpy_reference(comp, params, q, k, v):
   """The schedule in float64 numpy (keep = 1): tokens held at fp16 while they fit; at a coded scale the
-  entries held so far (the fp16 tokens, or the coefficients read back at the scale before) and the new
-  tokens' coefficients are quantised at the scale's code and read back (tests/compander_reference.py);
-  every scale attends to what the scale before left plus its own tokens."""
+  first scale's tokens stay at fp16 and the other entries held so far (the fp16 tokens, or the
+  coefficients read back at the scale before) and the new tokens' coefficients are quantised at the
+  scale's code and read back (tests/compander_reference.py); every scale attends to what the scale
+  before left (the sink, then the entries) plus its own tokens."""
   p = {n: np.asarray(a[0], np.float64) for n, a in params.items()}
   f16 = lambda a: np.asarray(np.asarray(a, np.float16), np.float64)
   mean, basis = ({t: f16(p[f'{t}_{n}']) for t in 'kv'} for n in ('mean', 'basis'))
   project = lambda t, x: np.einsum('bhld,hdr->bhlr', x - mean[t][None, :, None], basis[t])
   rebuild = lambda t, c: np.einsum('bhlr,hdr->bhld', c, basis[t]) + mean[t][None, :, None]
   g = comp.geometry
-  plan = numpy_schedule(g, comp.budget.bits)
+  plan, n0 = numpy_schedule(g, comp.budget.bits)
   codes = sorted({E for mode, E in plan if mode == 'coded'}, reverse=True)
   x, held, out = {'k': k, 'v': v}, None, np.zeros(q.shape)
   for s, (st, S) in enumerate(zip(g.scale_starts, g.scale_sizes)):
     cache = {t: np.zeros(q.shape[:2] + (0, g.head_dim)) for t in 'kv'} if held is None else (
-        held[1] if held[0] == 'exact' else {t: rebuild(t, held[1][t]) for t in 'kv'})
+        held[1] if held[0] == 'exact' else
+        {t: np.concatenate([held[2][t], rebuild(t, held[1][t])], 2) for t in 'kv'})
     keys, vals = (np.concatenate([cache[t], x[t][:, :, st:st + S]], 2) for t in 'kv')
     lg = np.einsum('bhsd,bhnd->bhsn', q[:, :, st:st + S], keys)
     a = np.exp(lg - lg.max(-1, keepdims=True))
@@ -66,15 +77,15 @@ def numpy_reference(comp, params, q, k, v):
       held = ('exact', {t: f16(x[t][:, :, :st + S]) for t in 'kv'})
       continue
     c, back = codes.index(E), {}
+    sink = {t: held[1][t][:, :, :n0] for t in 'kv'} if held[0] == 'exact' else held[2]   # n0 = 0: none
     for t in 'kv':
-      old = (np.zeros(q.shape[:2] + (0, basis[t].shape[-1])) if held is None else
-             project(t, held[1][t]) if held[0] == 'exact' else held[1][t])
+      old = project(t, held[1][t][:, :, n0:]) if held[0] == 'exact' else held[1][t]
       coef = np.concatenate([old, project(t, x[t][:, :, st:st + S])], 2)
       step, w = f16(p[f'{t}_step'][:, c]), np.round(p[f'{t}_width'][:, c])          # (H, R)
       back[t] = np.stack([compander_reference.quantise_read_back(
           coef[:, h], step[h], w[h], compander.SPREAD[w[h].astype(int)]) for h in range(coef.shape[1])], 1)
-    held = ('coded', back)
-  return out, plan, codes
+    held = ('coded', back, sink)
+  return out, plan, codes, n0
 
 
 @pytest.mark.parametrize('budget', ['10%', '30%', '60%'])
@@ -86,12 +97,15 @@ def test_coding_path_equals_numpy_and_holds_the_budget(budget):
   q, k, v = (np.asarray(x[t][0], np.float64) for t in 'qkv')
   out, states = run_scales_states(comp, jax.tree.map(lambda a: a[0], params),
                                   *(jnp.asarray(x[t][0]) for t in 'qkv'))
-  want, plan, codes = numpy_reference(comp, params, q, k, v)
+  want, plan, codes, n0 = numpy_reference(comp, params, q, k, v)
+  assert n0 == (0 if budget == '10%' else 1)       # 10 %: a sink would leave scale 2 without bits
   np.testing.assert_allclose(np.asarray(out), want, rtol=1e-4, atol=1e-5)
   assert [(s.mode, s.entry_bits) for s in comp.stages()] == plan
   for (mode, E), T, state in zip(plan, g.scale_starts[1:], states):
-    bits = np.asarray(comp.bits(state))                      # after the scale: T entries of E bits + count
-    assert state.capacity == T and np.all(bits == 16 + T * E) and np.all(bits <= comp.budget.bits)
+    bits = np.asarray(comp.bits(state))   # after the scale: T entries of E bits + count, or the sink + T - 1
+    n = T if mode == 'exact' else T - n0
+    sink = 0 if mode == 'exact' else n0 * 2 * D * 16
+    assert state.capacity == n and np.all(bits == 16 + n * E + sink) and np.all(bits <= comp.budget.bits)
     assert tree_bits(state) == bits.sum()                    # the arrays are what is counted
   assert comp.shared_bits(params) == tree_bits(comp.shared_params(params))
   widths = np.concatenate([np.asarray(params['k_width'][0]), np.asarray(params['v_width'][0])], -1)
@@ -138,14 +152,16 @@ def test_a_higher_budget_buys_a_lower_error():
 
 
 def test_fewer_slots_merge_and_count_their_sizes():
-  """keep 0.4 of 30 peak tokens: 12 slots; scale 0 exact, scale 1's 5 tokens coded one per slot, then
-  14 and 30 tokens merged into 12 slots, each state holding exactly its entries, sizes and count."""
+  """keep 0.4 of 30 peak tokens: 12 slots; scale 0 exact, then its token held exact (the sink) beside
+  scale 1's other 4 tokens coded one per slot, then 13 and 29 tokens merged into 12 slots, each state
+  holding exactly its entries, sizes, count and sink."""
   g = CacheGeometry((1, 2, 3, 4, 5), D)
   comp = compress.make('composed', g, '10%', keep=0.4)
   m, E = comp.plan()
   assert m == round(0.4 * g.prefix_tokens) == 12 and comp.merging
   assert [(s.mode, s.slots, s.sizes) for s in comp.stages()] == [
-      ('exact', 1, False), ('coded', 5, False), ('coded', 12, True), ('coded', 12, True)]
+      ('exact', 1, False), ('coded', 4, False), ('coded', 12, True), ('coded', 12, True)]
+  assert all(s.sink == 1 for s in comp.stages()[1:])
   params = comp.init_params(jax.random.key(0), 1, H, calibration=calib(5, patch_nums=g.patch_nums))
   x = calib(6, patch_nums=g.patch_nums)
   out, states = run_scales_states(comp, jax.tree.map(lambda a: a[0], params),
@@ -154,8 +170,11 @@ def test_fewer_slots_merge_and_count_their_sizes():
   for stage, state in zip(comp.stages()[2:], states[2:]):
     count, size = np.asarray(state.count), np.asarray(state.extra['size'])
     assert state.capacity == 12 and np.all(count == 12)
-    assert np.all(size >= 1) and np.all(size.sum(-1) <= stage.tokens)        # dropped ones count nowhere
-    assert stage.bits() == 16 + 12 * (stage.entry_bits + 16)
+    assert np.all(size >= 1) and np.all(size.sum(-1) <= stage.tokens - 1)    # dropped ones count nowhere
+    assert state.header['sink_k'].shape == (2, H, 1, D) and state.header['sink_v'].dtype == jnp.float16
+    np.testing.assert_array_equal(np.asarray(state.header['sink_k'], np.float32),
+                                  np.asarray(jnp.asarray(x['k'][0][:, :, :1]).astype(jnp.float16), np.float32))
+    assert stage.bits() == 16 + 12 * (stage.entry_bits + 16) + 2 * D * 16
     assert np.all(np.asarray(comp.bits(state)) == stage.bits())
     assert stage.bits() <= comp.budget.bits and tree_bits(state) == 2 * H * stage.bits()
 

@@ -160,16 +160,42 @@ GEOMETRIES = [CacheGeometry((1, 2, 3, 4), 8), CacheGeometry((1, 2, 3, 4, 5, 6, 8
               CacheGeometry((1, 2, 3), 4, 'float32'), CacheGeometry((2, 1, 3), 16)]
 
 
+def rule_modes(g, bits, m, sink):
+  """The modes the schedule's rules give with `sink` exact tokens beside the codes (module doc of
+  compress/composed/schedule.py)."""
+  modes, coded, held, last = [], False, 0, None
+  for T, S in zip(g.scale_starts[1:], g.scale_sizes):
+    if not coded and T * 2 * g.head_dim * g.kv_bits + 16 <= bits:
+      modes.append('exact')
+      held = T - sink
+      continue
+    slots = max(1, min(T - sink, m, held + S))
+    room = (bits - 16 - sink * 2 * g.head_dim * g.kv_bits - slots * (16 if slots < T - sink else 0)) // slots
+    E = min(max(0, room) // 8 * 8, 2 * g.head_dim * MAX_WIDTH, last if last is not None else 1 << 30)
+    ok = E > 0 and (not modes or modes[-1] != 'empty') and (not sink or bool(modes))
+    modes.append('coded' if ok else 'empty')
+    coded, held, last = True, slots if ok else 0, E
+  return modes
+
+
 @pytest.mark.parametrize('g', GEOMETRIES, ids=lambda g: f'{g.patch_nums}-{g.head_dim}-{g.kv_dtype}')
 def test_schedule_rules(g):
   rng = np.random.default_rng(3)
   budgets = [0, 17, 16 + 8, 16 + 16 + 8] + list(rng.integers(1, g.full_bits, 30))
+  sinks = set()
   for bits, keep in itertools.product(budgets, (0.0, 0.3, 1.0)):
     comp = compress.make('composed', g, Budget(int(bits)), keep=keep)
     T, D = g.prefix_tokens, g.head_dim
     m = T if comp.keep_share >= 1 else max(1, round(comp.keep_share * T))
     plan = comp.stages()
     assert [s.tokens for s in plan] == list(g.scale_starts[1:])
+    # the first scale's tokens stay exact beside the codes unless that empties a stage coded without
+    n0 = g.scale_sizes[0]
+    empties = lambda n: rule_modes(g, bits, m, n).count('empty')
+    sink = n0 if empties(n0) <= empties(0) else 0
+    assert [s.mode for s in plan] == rule_modes(g, bits, m, sink), (g, bits, keep)
+    if 'coded' in rule_modes(g, bits, m, sink):
+      sinks.add(sink)
     held, last_E, codes = 0, None, []
     for s, S in zip(plan, g.scale_sizes):
       where = f'{g} at {bits} bits, keep {keep}: {s}'
@@ -177,12 +203,18 @@ def test_schedule_rules(g):
       fits = s.tokens * 2 * D * g.kv_bits + 16 <= bits
       if s.mode == 'exact':
         assert fits and last_E is None and (s.slots, s.entry_bits) == (s.tokens, 2 * D * g.kv_bits), where
-      elif s.mode == 'coded':
+        assert s.sink == 0 and s.bits() == 16 + s.tokens * 2 * D * g.kv_bits, where
+        held = s.tokens - sink
+        continue
+      if s.mode == 'coded':
         assert not fits or last_E is not None, where        # exact while it fits (and never after codes)
-        assert s.slots == min(s.tokens, m, held + S) and s.sizes == (s.slots < s.tokens), where
-        room = (bits - 16) // s.slots - (16 if s.sizes else 0)
+        assert (s.sink, s.sink_bits) == (sink, sink * 2 * D * g.kv_bits), where
+        n = s.tokens - sink                                  # the coded tokens
+        assert s.slots == min(n, m, held + S) and s.sizes == (s.slots < n), where
+        room = (bits - 16 - s.sink_bits) // s.slots - (16 if s.sizes else 0)
         want = min(room // 8 * 8, 2 * D * MAX_WIDTH, last_E if last_E is not None else 1 << 30)
         assert s.entry_bits == want > 0 and s.entry_bits % 8 == 0, where
+        assert s.bits() == 16 + s.slots * (s.entry_bits + (16 if s.sizes else 0)) + s.sink_bits, where
         if not codes or codes[-1] != s.entry_bits:
           codes.append(s.entry_bits)
         assert s.code == len(codes) - 1, where
@@ -193,7 +225,10 @@ def test_schedule_rules(g):
       held = s.slots
     assert schedule.code_bits(plan) == tuple(codes)
     last = plan[-1]
-    # the peak keeps today's layout wherever 8-bit codes sufficed (widths above 8 are new)
-    old_E = max(0, (bits - 16 - m * (16 if m < T else 0)) // m) // 8 * 8
+    # the peak: min(m, T - sink) entries at the widest E its room gives, wherever 8-bit codes sufficed
+    slots = min(m, T - sink)
+    old_E = max(0, (bits - 16 - sink * 2 * D * g.kv_bits - slots * (16 if slots < T - sink else 0))
+                // slots) // 8 * 8
     if old_E < 2 * D * 8 and last.mode == 'coded':
-      assert (last.slots, last.entry_bits) == (m, old_E) == comp.plan()
+      assert (last.slots, last.entry_bits) == (slots, old_E) == comp.plan()
+  assert sinks == {0, g.scale_sizes[0]}                      # both layouts occur among these budgets

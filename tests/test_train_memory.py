@@ -52,11 +52,21 @@ def test_grouped_gradient_equals_all_at_once(name):
     for (path, a), b in zip(jax.tree.leaves_with_path(grad), jax.tree.leaves(grad0)):
       key, a, b = jax.tree_util.keystr(path), np.asarray(a), np.asarray(b)
       assert a.shape == b.shape, key
-      if name == 'composed_learned' and key.endswith("_mean']"):
+      full_basis = name == 'composed_learned' and key.endswith("_mean']") and (
+          params[key[2:3] + '_basis'].shape[-1] == params[key[2:3] + '_basis'].shape[-2])
+      if full_basis:
         # x_hat = (x - mu) E E^T + mu with a full orthonormal basis E and straight-through rounding: the
         # means' gradient is 0 in exact arithmetic, float32 cancellation noise here (the all-at-once path
-        # itself moves it by as much when its loss is written as loss^2 / (2 loss)); both must be noise
+        # itself moves it by as much when its loss is written as loss^2 / (2 loss)); both must be noise.
         assert np.abs(a).max() < 1e-2 * scale and np.abs(b).max() < 1e-2 * scale, key
+        continue
+      if name == 'composed_learned' and key.endswith("_mean']"):
+        # a truncated basis (components no head codes dropped) gives the means a real gradient, the
+        # residual (I - E E^T) of terms that cancel in the basis' span: the paths agree to the float32
+        # noise of those terms (up to 2.5e-4 of the gradient's scale, measured; the full-basis case
+        # above allows 1e-2 of it)
+        np.testing.assert_allclose(a, b, rtol=0, atol=5e-4 * scale, err_msg=key)
+        assert np.abs(b).max() > 1e-4 * scale, key
         continue
       np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * np.abs(b).max() + 1e-12 * scale, err_msg=key)
       if not key.endswith("_width']"):                    # composed's widths are not trained

@@ -100,5 +100,7 @@ class TransformCodeLearned(TransformCodeBase):
         view = {'coef': None, 'size': None, 'valid': x['valid'],
                 **{t: straight_through_cast(x[t], g.kv_dtype) for t in _TENSORS}}
       else:
-        view = self.coded_view(params, self.read_back(params, x, stage.code), x['size'], x['valid'])
+        sink = None if x['sink'] is None else {t: straight_through_cast(a, g.kv_dtype)
+                                                for t, a in x['sink'].items()}
+        view = self.coded_view(params, self.read_back(params, x, stage.code), x['size'], x['valid'], sink)
     return jnp.concatenate(outs, axis=2)

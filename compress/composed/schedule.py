@@ -5,14 +5,21 @@ T_s = tokens of scales 0..s. `stages` plans, once per geometry and budget, what 
 each scale (every scale but the last: after the last nothing persists):
 
 - 'exact': every token at the geometry's dtype (fp16), while T_s x 2D x 16 + 16 (the count) fits;
-- 'coded': m_s entries of E_s bits (the packed transform codes of compress.composed.transform_code),
-  plus a uint16 size per entry once tokens have merged (m_s < T_s), plus the count. m_s = min(T_s, m)
-  with m the peak's slots (`keep` x T, as the peak has always had them): tokens merge only once the
-  peak's slots are full. E_s = the largest multiple of 8 with 16 + m_s (E_s + 16 if merged) <= budget,
-  never more than the stage before (so each stage's widths, allocated greedily on the same statistics,
-  are at most the previous stage's: stored codes are only ever re-coded down), at most 16 bits per
-  coordinate (bitstream.MAX_WIDTH);
+- 'coded': the first scale's tokens (n_0 = 1 in VAR: the start token, the sink) still exact at the
+  geometry's dtype, beside m_s entries of E_s bits for the other T_s - n_0 tokens (the packed transform
+  codes of compress.composed.transform_code), plus a uint16 size per entry once tokens have merged
+  (m_s < T_s - n_0), plus the count. m_s = min(T_s - n_0, m) with m the peak's slots (`keep` x T, as
+  the peak has always had them): tokens merge only once the peak's slots are full. E_s = the largest
+  multiple of 8 with 16 + n_0 x 2D x 16 + m_s (E_s + 16 if merged) <= budget, never more than the stage
+  before (so each stage's widths, allocated greedily on the same statistics, are at most the previous
+  stage's: stored codes are only ever re-coded down), at most 16 bits per coordinate
+  (bitstream.MAX_WIDTH);
 - 'empty': not one byte per entry fits: nothing is kept (from then on).
+
+The start token's keys and values lie far outside the other tokens' distribution (at d16, up to 12
+standard deviations of the calibration's components): coded with the others it reads back at an outer
+cell, and it draws much of the attention. Held exactly, it costs 2D x 16 bits per head; a budget too
+small for it (a plan with more empty stages) codes every token, as before.
 
 Stages with the same E_s share one set of widths and steps (their `code` index).
 """
@@ -37,37 +44,49 @@ class Stage:
   entry_bits: int        # per entry: 2 D x dtype bits (exact), E_s (coded), 0 (empty)
   sizes: bool            # a uint16 size per entry (coded, tokens merged)
   code: int = -1         # index of the stage's widths and steps in the parameters (coded), else -1
+  sink: int = 0          # the first scale's tokens, held exact beside the codes (coded), else 0
+  sink_bits: int = 0     # their bits per head: sink x 2D x dtype bits
 
   def bits(self) -> int:
     if self.mode == 'empty':
       return 0
-    return dtype_bits(COUNT_DTYPE) + self.slots * (self.entry_bits + (_SIZE_BITS if self.sizes else 0))
+    return (dtype_bits(COUNT_DTYPE) + self.slots * (self.entry_bits + (_SIZE_BITS if self.sizes else 0))
+            + self.sink_bits)
 
 
 def stages(geometry: CacheGeometry, budget_bits: int, peak_slots: int) -> tuple[Stage, ...]:
   """The layout after each scale but the last (module doc). peak_slots: m, the slots at the peak."""
+  with_sink = _stages(geometry, budget_bits, peak_slots, geometry.scale_sizes[0])
+  without = _stages(geometry, budget_bits, peak_slots, 0)
+  empties = lambda plan: sum(s.mode == 'empty' for s in plan)
+  return with_sink if empties(with_sink) <= empties(without) else without
+
+
+def _stages(geometry: CacheGeometry, budget_bits: int, peak_slots: int, sink: int) -> tuple[Stage, ...]:
+  """`stages` with the first `sink` tokens held exact in the coded stages."""
   D, count = geometry.head_dim, dtype_bits(COUNT_DTYPE)
   exact_entry = 2 * D * geometry.kv_bits
+  sink_bits = sink * exact_entry
   out: list[Stage] = []
   codes: list[int] = []           # the distinct E of the coded stages so far, widest first
-  held = 0                         # entries after the previous scale
+  held = 0                         # coded candidates held after the previous scale
   for st, S in zip(geometry.scale_starts[1:], geometry.scale_sizes[:-1]):
     T = st                         # tokens after this scale
     if T * exact_entry + count <= budget_bits and not codes:
       out.append(Stage(T, 'exact', T, exact_entry, False))
-      held = T
+      held = T - sink
       continue
-    m = max(1, min(T, peak_slots, held + S))
-    sizes = m < T
-    room = budget_bits - count - m * (_SIZE_BITS if sizes else 0)
+    m = max(1, min(T - sink, peak_slots, held + S))
+    sizes = m < T - sink
+    room = budget_bits - count - sink_bits - m * (_SIZE_BITS if sizes else 0)
     E = min(max(0, room // m) // 8 * 8, 2 * D * MAX_WIDTH, codes[-1] if codes else 2 * D * MAX_WIDTH)
-    if E == 0 or (out and out[-1].mode == 'empty'):
+    if E == 0 or (out and out[-1].mode == 'empty') or (sink and not out):
       out.append(Stage(T, 'empty', 0, 0, False))
       held = 0
       continue
     if not codes or codes[-1] != E:
       codes.append(E)
-    out.append(Stage(T, 'coded', m, E, sizes, len(codes) - 1))
+    out.append(Stage(T, 'coded', m, E, sizes, len(codes) - 1, sink, sink_bits))
     held = m
   for s in out:
     assert s.bits() <= budget_bits, (s, budget_bits)

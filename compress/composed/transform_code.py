@@ -79,8 +79,8 @@ class TransformCodeBase(Compressor):
   # ---- planning -----------------------------------------------------------------------------
   @property
   def merging(self) -> bool:
-    """Tokens merge at some scale (the peak's slots are fewer than its tokens)."""
-    return self.plan()[0] < self.geometry.prefix_tokens
+    """Tokens merge at some scale (a coded stage has fewer slots than coded tokens)."""
+    return any(s.sizes for s in self.stages())
 
   @property
   def keep_share(self) -> float:
@@ -97,11 +97,13 @@ class TransformCodeBase(Compressor):
     return schedule.stages(self.geometry, self.budget.bits, m)
 
   def plan(self) -> tuple[int, int]:
-    """(slots m, stream bits E per entry) at the peak (E = 0: nothing is kept there)."""
+    """(slots m, stream bits E per entry) at the peak: its coded entries (beside the sink), or the
+    peak's slots with E = 0 when nothing is coded there."""
     last = self.stages()[-1]
+    if last.mode == 'coded':
+      return last.slots, last.entry_bits
     T = self.geometry.prefix_tokens
-    keep = self.keep_share
-    return (T if keep >= 1.0 else max(1, int(round(keep * T))), last.entry_bits if last.mode == 'coded' else 0)
+    return (T if self.keep_share >= 1.0 else max(1, int(round(self.keep_share * T)))), 0
 
   def init_compressed(self, batch: int, num_heads: int) -> Slots:
     """Before the first scale: nothing held."""
@@ -185,11 +187,13 @@ class TransformCodeBase(Compressor):
     return {'k': back[..., :rk], 'v': back[..., rk:]}
 
   # ---- the step (shared by the hard path and the learned relaxation) -------------------------
-  def coded_view(self, params, coef, size_BHM, valid_BHM) -> dict[str, Any]:
+  def coded_view(self, params, coef, size_BHM, valid_BHM, sink=None) -> dict[str, Any]:
     """What attention and merging see of coded entries: read-back coefficients {'k', 'v'}, the keys
-    and values rebuilt from them (B, H, M, D), sizes (float, or None) and validity."""
+    and values rebuilt from them (B, H, M, D), sizes (float, or None), validity, and the exact sink
+    {'k', 'v'} (B, H, n_0, D) held beside them (or None)."""
     return {'coef': coef, 'k': self.reconstruct(params, 'k', coef['k']),
-            'v': self.reconstruct(params, 'v', coef['v']), 'size': size_BHM, 'valid': valid_BHM}
+            'v': self.reconstruct(params, 'v', coef['v']), 'size': size_BHM, 'valid': valid_BHM,
+            'sink': sink}
 
   def attend_view(self, view, q_BHSD, k_BHSD, v_BHSD):
     """Attention over the held entries (bias log(size) once tokens merged; None: nothing held) plus the
@@ -198,14 +202,40 @@ class TransformCodeBase(Compressor):
       B, H, _, D = k_BHSD.shape
       none = jnp.zeros((B, H, 0, D), jnp.float32)
       return attend(q_BHSD, none, none, jnp.zeros((B, H, 0), bool), None, k_BHSD, v_BHSD)
+    return attend(q_BHSD, *self.held_entries(view), k_BHSD, v_BHSD)
+
+  def held_entries(self, view) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """What a scale attends to of a (non-empty) view: keys, values (B, H, n, D), validity (B, H, n) and
+    logit bias (log size, or None): the exact sink first (its columns lead p_cache), then the entries."""
     bias = None if view['size'] is None else jnp.log(jnp.maximum(view['size'].astype(jnp.float32), 1.0))
-    return attend(q_BHSD, view['k'], view['v'], view['valid'], bias, k_BHSD, v_BHSD)
+    ck, cv, valid, sink = view['k'], view['v'], view['valid'], view.get('sink')
+    if sink is not None:
+      B, H, n0, _ = sink['k'].shape
+      cat = lambda a, b: jnp.concatenate([a, b], axis=2)
+      ck, cv, valid = cat(sink['k'], ck), cat(sink['v'], cv), cat(jnp.ones((B, H, n0), bool), valid)
+      bias = None if bias is None else cat(jnp.zeros((B, H, n0), bias.dtype), bias)
+    return ck, cv, valid, bias
 
   def absorb(self, params, stage: schedule.Stage, view, k_BHSD, v_BHSD, p_cache, p_new):
     """The entries stage `stage` holds, before their codes: {'k', 'v'} the keys and values (exact) or
-    their coefficients (coded), 'size' (float (B, H, m), or None), 'valid' (B, H, m); None: empty."""
+    their coefficients (coded), 'size' (float (B, H, m), or None), 'valid' (B, H, m), and (coded) the
+    exact sink {'k', 'v'} (B, H, n_0, D) or None; None: empty."""
     if stage.mode == 'empty':
       return None
+    sink = None
+    if stage.sink:                           # the sink stays exact; the rest are the candidates
+      n0 = stage.sink
+      assert view is not None, stage         # a plan with a sink starts exact (schedule.stages)
+      if view['coef'] is None:               # exact -> coded: the first n_0 tokens become the sink
+        sink = {t: view[t][:, :, :n0] for t in _TENSORS}
+        view = {**view, **{t: view[t][:, :, n0:] for t in _TENSORS}, 'valid': view['valid'][..., n0:]}
+      else:
+        sink = view['sink']
+      p_cache = p_cache[..., n0:]
+    x = self._absorb_entries(params, stage, view, k_BHSD, v_BHSD, p_cache, p_new)
+    return x if stage.mode == 'exact' else {**x, 'sink': sink}
+
+  def _absorb_entries(self, params, stage, view, k_BHSD, v_BHSD, p_cache, p_new):
     cat = lambda a, b: jnp.concatenate([a, b], axis=2)
     B, H, S = k_BHSD.shape[:3]
     if stage.mode == 'exact':
@@ -272,7 +302,8 @@ class TransformCodeBase(Compressor):
     if prev.mode == 'exact':
       return {'coef': None, 'k': state.k.astype(jnp.float32), 'v': state.v.astype(jnp.float32),
               'size': None, 'valid': state.valid}
-    return self.coded_view(params, self.decode(params, state.k, prev.code), size, state.valid)
+    sink = ({t: state.header[f'sink_{t}'].astype(jnp.float32) for t in _TENSORS} if prev.sink else None)
+    return self.coded_view(params, self.decode(params, state.k, prev.code), size, state.valid, sink)
 
   def _store(self, params, stage: schedule.Stage, x, batch: int, num_heads: int) -> Slots:
     """The state of stage `stage` holding `x` (absorb's entries), coded and packed."""
@@ -284,7 +315,10 @@ class TransformCodeBase(Compressor):
       return Slots(k=x['k'].astype(dt), v=x['v'].astype(dt), count=count)
     stream = self.encode(params, x, stage.code, stage.entry_bits)
     extra = {} if x['size'] is None else {'size': jnp.minimum(x['size'], 65535.0).astype(SIZE_DTYPE)}
-    return Slots(k=stream, v=jnp.zeros(stream.shape[:3] + (0,), jnp.uint8), count=count, extra=extra)
+    header = {} if x['sink'] is None else {f'sink_{t}': x['sink'][t].astype(self.geometry.kv_dtype)
+                                           for t in _TENSORS}
+    return Slots(k=stream, v=jnp.zeros(stream.shape[:3] + (0,), jnp.uint8), count=count, extra=extra,
+                 header=header)
 
   def compress_step(self, params, state: Slots, q_BHSD, k_BHSD, v_BHSD, scale: int, ctx):
     del ctx

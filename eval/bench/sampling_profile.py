@@ -97,8 +97,7 @@ def held_view(policy, state_layer, scale: int, params_layer) -> tuple | None:
     view = comp._view(params_layer, state_layer, plan[scale - 1] if scale > 0 else None)
     if view is None:
       return None
-    bias = None if view['size'] is None else jnp.log(jnp.maximum(view['size'], 1.0))
-    return view['k'], view['v'], view['valid'], bias
+    return comp.held_entries(view)
   ck, cv = comp.decode(state_layer)
   bias = comp.bias(state_layer) if hasattr(comp, 'bias') else None
   return ck, cv, state_layer.valid, bias
