@@ -192,7 +192,8 @@ def test_schedule_rules(g):
     # the first scale's tokens stay exact beside the codes unless that empties a stage coded without
     n0 = g.scale_sizes[0]
     empties = lambda n: rule_modes(g, bits, m, n).count('empty')
-    sink = n0 if empties(n0) <= empties(0) else 0
+    cheap = n0 * 2 * D * g.kv_bits <= bits / 16                # at most 1/16 of the budget
+    sink = n0 if cheap and empties(n0) <= empties(0) else 0
     assert [s.mode for s in plan] == rule_modes(g, bits, m, sink), (g, bits, keep)
     if 'coded' in rule_modes(g, bits, m, sink):
       sinks.add(sink)
@@ -231,4 +232,5 @@ def test_schedule_rules(g):
                 // slots) // 8 * 8
     if old_E < 2 * D * 8 and last.mode == 'coded':
       assert (last.slots, last.entry_bits) == (slots, old_E) == comp.plan()
-  assert sinks == {0, g.scale_sizes[0]}                      # both layouts occur among these budgets
+  both = 16 * g.scale_sizes[0] * 2 * g.head_dim * g.kv_bits < g.full_bits
+  assert sinks == ({0, g.scale_sizes[0]} if both else {0})  # both layouts occur where the sink can
