@@ -11,7 +11,8 @@ each code's three bytes, so no index grows with the batch or the entries (a per-
 the time in the composed step, measured on a small case with d16's scale schedule; packing bit by bit
 cost 8 x bytes rows). Packing first holds the codes in memory as uint16, in their own layout and then
 heads first: left to XLA's fusion, the codes' producer (the quantiser, the merge) was recomputed for
-each of the three pieces in transposed order: over half of the composed step's time at d16 (docs/engine.md).
+each of the three pieces in transposed order: over half of the composed step's time at d16
+(docs/composed.md, "Packing from memory").
 """
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ One budget, three axes: the token axis (slots m = keep x the peak tokens; once a
 candidates than m, they are evicted by attention and each evicted one merged into its nearest kept one),
 the dimension axis (a component coded with 0 bits is dropped: the rank follows from the widths) and the
 bit axis (widths 0..16 per component, per (layer, head)). The layout follows the scale
-(compress.composed.schedule): the tokens exact at fp16 while they fit the budget, then m_s entries of
+(compress.composed.schedule): the tokens exact at fp16 while they fit the budget, then (beside the
+start token, kept exact where it costs at most 1/16 of the budget: the sink) m_s entries of
 E_s bits each (one packed stream of every code of the key and the value, compress.composed.bitstream),
 E_s the widest that fits and never wider than before: as scales arrive, stored entries are re-coded to
 narrower widths (nested allocations: never up), plus a uint16 size per entry once tokens merged (logit
