@@ -33,6 +33,7 @@ Stages with the same E_s share one set of widths and steps (their `code` index).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from compress.composed.bitstream import MAX_WIDTH
 from compress.core.accounting import COUNT_DTYPE, dtype_bits
@@ -65,8 +66,10 @@ class Stage:
 SINK_SHARE = 1 / 16
 
 
+@functools.lru_cache(maxsize=256)
 def stages(geometry: CacheGeometry, budget_bits: int, peak_slots: int) -> tuple[Stage, ...]:
-  """The layout after each scale but the last (module doc). peak_slots: m, the slots at the peak."""
+  """The layout after each scale but the last (module doc). peak_slots: m, the slots at the peak.
+  Cached: every step, `plan` and `merging` ask for it (immutable Stages, safe to share)."""
   n0 = geometry.scale_sizes[0]
   without = _stages(geometry, budget_bits, peak_slots, 0)
   if n0 * 2 * geometry.head_dim * geometry.kv_bits > SINK_SHARE * budget_bits:
