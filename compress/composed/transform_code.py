@@ -70,8 +70,8 @@ def _group_means(rows_M: jax.Array, target_N: jax.Array, weight_N: jax.Array, x_
 @dataclasses.dataclass(frozen=True)
 class TransformCodeBase(Compressor):
   """Planning, state layout, coding and the step shared by `composed` and `composed_learned`."""
-  # slots per peak token (token axis; < 1 merges); 0: auto, min(1, sqrt(budget bits per coordinate /
-  # AUTO_BPC)): fewer slots at more bits each as the budget shrinks (tuned on training caches)
+  # slots per peak token (token axis; < 1 merges); 0: auto, min(1, (budget bits per coordinate /
+  # AUTO_BPC) ** AUTO_POWER): fewer slots as the budget shrinks (fitted on training caches: `keep_share`)
   keep: float = 0.0
   key_weight: float = 1.0    # multiplies the key components' output weights in the allocation
   step_scale: float = 1.0    # multiplies the Gaussian-optimal quantiser steps
@@ -79,7 +79,8 @@ class TransformCodeBase(Compressor):
 
   family = 'composed'
   needs_calibration = True
-  AUTO_BPC: ClassVar[float] = 8.0
+  AUTO_BPC: ClassVar[float] = 2.7
+  AUTO_POWER: ClassVar[float] = 0.8
 
   def __post_init__(self):
     if not 0.0 <= self.keep <= 1.0:
@@ -96,10 +97,18 @@ class TransformCodeBase(Compressor):
 
   @property
   def keep_share(self) -> float:
-    """Slots per peak token: `keep`, or the automatic choice when it is 0."""
+    """Slots per peak token: `keep`, or the automatic choice when it is 0: min(1, (b / AUTO_BPC) **
+    AUTO_POWER), b the budget's bits per cached coordinate at the peak.
+
+    Fitted on the default model's training split (main job's capture, per-head budgets less the shared
+    bases: b = 0.31 / 0.61 / 1.41 / 3.81 at 3.125 / 5 / 10 / 25 %): the best keep of a grid there was
+    ~0.17 / ~0.35 / 0.6 / 1.0 (errors 0.095 / 0.063 / 0.026 / 0.0047); the rule gives 0.18 / 0.30 / 0.59
+    / 1.0 (docs/composed.md, "Slots per token"). The sqrt rule it replaces (AUTO_BPC = 8, from before the
+    exact stages and the sink) gave 0.20 / 0.28 / 0.42 / 0.69."""
     if self.keep > 0:
       return self.keep
-    return float(min(1.0, np.sqrt(self.budget.bits / self.geometry.coordinates / self.AUTO_BPC)))
+    bpc = self.budget.bits / self.geometry.coordinates
+    return float(min(1.0, (bpc / self.AUTO_BPC) ** self.AUTO_POWER))
 
   def stages(self) -> tuple[schedule.Stage, ...]:
     """What the state holds after each scale but the last (compress.composed.schedule)."""
