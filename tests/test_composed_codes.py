@@ -234,3 +234,23 @@ def test_schedule_rules(g):
       assert (last.slots, last.entry_bits) == (slots, old_E) == comp.plan()
   both = 16 * g.scale_sizes[0] * 2 * g.head_dim * g.kv_bits < g.full_bits
   assert sinks == ({0, g.scale_sizes[0]} if both else {0})  # both layouts occur where the sink can
+
+
+@pytest.mark.parametrize('name', ['composed', 'composed_learned'])
+def test_loaded_widths_must_fit_this_versions_entry_bits(name):
+  """Parameters allocated for another schedule (another keep: other entry widths E, the same number of
+  codes) are refused when loaded, naming the code and the fix; this version's own pass."""
+  import jax
+  g = CacheGeometry((1, 2, 3, 4), 64)
+  rng = np.random.default_rng(0)
+  cal = {t: rng.standard_normal((2, 2, 4, sum(p * p for p in g.patch_nums), 64)).astype(np.float32) for t in 'qkv'}
+  comp, other = (compress.make(name, g, '25%', keep=k) for k in (0.5, 1.0))
+  assert len(schedule.code_bits(comp.stages())) == len(schedule.code_bits(other.stages()))
+  assert schedule.code_bits(comp.stages()) != schedule.code_bits(other.stages())
+  params = comp.init_params(jax.random.key(0), 2, 4, calibration=cal)
+  comp.check_loaded(params)                                        # its own widths fit
+  # comp's second code (1000 bits: fewer slots) overflows other's (504 bits); the first is 1424 in both
+  assert schedule.code_bits(comp.stages())[1] > schedule.code_bits(other.stages())[1]
+  with pytest.raises(ValueError, match=r'widths of code 1 .* this version codes an entry there in '
+                                       r'\d+ bits.*another schedule.*Retrain'):
+    other.check_loaded(params)

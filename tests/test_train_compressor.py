@@ -305,3 +305,16 @@ def test_config_variants():
   assert configs.get_config('tiny').settings.to_dict() == {'key_fraction': 0.5}    # lowrank_learned's
   with pytest.raises(ValueError, match='unknown variant'):
     configs.get_config('huge')
+
+
+def test_load_trained_asks_the_compressor_to_check_what_it_loaded(run, monkeypatch):
+  """load_trained hands the loaded parameters to Compressor.check_loaded (composed: widths that fit this
+  version's entries, tests/test_composed_codes.py), whose error reaches the caller."""
+  seen = []
+  def refuse(self, params):
+    seen.append(params)
+    raise ValueError('allocated for another schedule')
+  monkeypatch.setattr(type(run[1]), 'check_loaded', refuse)
+  with pytest.raises(ValueError, match='another schedule'):
+    tc.load_trained(run[0])
+  assert seen and all(a.shape[:2] == b.shape[:2] for a, b in zip(jax.tree.leaves(seen[0]), leaves(run[2])))

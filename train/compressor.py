@@ -307,6 +307,7 @@ def load_trained(workdir: str, step: int | None = None, *, expect: Mapping[str, 
   finally:
     mngr.close()
   check_params(comp, params, info['num_layers'], info['num_heads'])
+  comp.check_loaded(params)            # its layout under this version (e.g. composed's code widths)
   return comp, params
 
 

@@ -160,6 +160,23 @@ class TransformCodeBase(Compressor):
                        '(move its old trained run aside, e.g. WORKDIR/train/composed_learned-*, and '
                        'the frontier trains it again)')
 
+  def check_loaded(self, params) -> None:
+    """Loaded parameters (layers, heads, ...): the code count as `_check_params`, and every code's widths
+    (keys' and values' together) within its entry bits E_c of this version's schedule: parameters
+    allocated for another schedule (e.g. trained before the slots-per-token rule changed) would pack
+    more bits than an entry holds."""
+    self._check_params(jax.tree.map(lambda a: a[0], params))
+    E = np.asarray(schedule.code_bits(self.stages()) or (0,))      # no coded stage: one all-zero code
+    used = sum(np.rint(np.asarray(params[f'{t}_width'], np.float64)).sum(-1) for t in _TENSORS)
+    over = np.argwhere(used > E)                                   # (layer, head, code) over its bits
+    if over.size:
+      n, h, c = over[0]
+      raise ValueError(f'{self.name} at {self.budget.bits} bits: the loaded widths of code {c} (layer {n}, '
+                       f'head {h}) use {int(used[n, h, c])} bits, but this version codes an entry there in '
+                       f'{int(E[c])} bits: the parameters were allocated for another schedule (an older '
+                       'version or another keep). Retrain composed_learned (move the old trained run '
+                       'aside) or recalibrate composed')
+
   def encoder(self, params, t: str) -> jax.Array:
     """(H, D, R) projection onto the coefficients."""
     raise NotImplementedError

@@ -62,6 +62,11 @@ class Compressor:
     del key, num_layers, num_heads, calibration
     return None
 
+  def check_loaded(self, params: Any) -> None:
+    """Raises a ValueError naming the problem and the fix when concrete parameters loaded from a
+    checkpoint (leading axes (layers, heads)) do not fit this compressor's layout (default: no check)."""
+    del params
+
   def shared_params(self, params: Any) -> Any:
     """The parameters every sequence shares, as a deployment stores them (default: as they are)."""
     return params
