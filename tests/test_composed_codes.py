@@ -6,6 +6,7 @@ greedy allocation against brute force (and nested across budgets), and the per-s
 import itertools
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -240,7 +241,6 @@ def test_schedule_rules(g):
 def test_loaded_widths_must_fit_this_versions_entry_bits(name):
   """Parameters allocated for another schedule (another keep: other entry widths E, the same number of
   codes) are refused when loaded, naming the code and the fix; this version's own pass."""
-  import jax
   g = CacheGeometry((1, 2, 3, 4), 64)
   rng = np.random.default_rng(0)
   cal = {t: rng.standard_normal((2, 2, 4, sum(p * p for p in g.patch_nums), 64)).astype(np.float32) for t in 'qkv'}

@@ -110,12 +110,15 @@ class TransformCodeBase(Compressor):
     bpc = self.budget.bits / self.geometry.coordinates
     return float(min(1.0, (bpc / self.AUTO_BPC) ** self.AUTO_POWER))
 
+  @property
+  def peak_slots(self) -> int:
+    """m: the slots at the peak, `keep_share` x its tokens (all of them at a share of 1)."""
+    T, keep = self.geometry.prefix_tokens, self.keep_share
+    return T if keep >= 1.0 else max(1, int(round(keep * T)))
+
   def stages(self) -> tuple[schedule.Stage, ...]:
     """What the state holds after each scale but the last (compress.composed.schedule)."""
-    T = self.geometry.prefix_tokens
-    keep = self.keep_share
-    m = T if keep >= 1.0 else max(1, int(round(keep * T)))
-    return schedule.stages(self.geometry, self.budget.bits, m)
+    return schedule.stages(self.geometry, self.budget.bits, self.peak_slots)
 
   def plan(self) -> tuple[int, int]:
     """(slots m, stream bits E per entry) at the peak: its coded entries (beside the sink), or the
@@ -123,8 +126,7 @@ class TransformCodeBase(Compressor):
     last = self.stages()[-1]
     if last.mode == 'coded':
       return last.slots, last.entry_bits
-    T = self.geometry.prefix_tokens
-    return (T if self.keep_share >= 1.0 else max(1, int(round(self.keep_share * T)))), 0
+    return self.peak_slots, 0
 
   def init_compressed(self, batch: int, num_heads: int) -> Slots:
     """Before the first scale: nothing held."""
