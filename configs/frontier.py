@@ -152,9 +152,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.closed_loop = ml_collections.ConfigDict({
       'methods': CLOSED_LOOP_METHODS, 'budgets': CLOSED_LOOP_BUDGETS,
       'labels': tuple(range(12)), 'repeats': 20, 'seeds': (0,), 'cfg': 1.5, 'top_k': 0, 'top_p': 0.0,
-      # scales whose steps are compiled with XLA's fast-compile options (all 7: a point is compile-bound
-      # on 2 cores, ~2.5x faster compiles for ~1.3x slower steps; the shared decode keeps XLA's defaults)
-      'fast_scales': 7,
+      # scales whose policy steps are compiled with XLA's fast-compile options (var_jax/layered_generate:
+      # the model's programs compile once for every policy, a policy only its steps); 0: a composed
+      # point's generation runs 2x faster with XLA's defaults, and its compile overlaps the previous one's
+      'fast_scales': 0,
       # draws of every FID / KID interval (normal intervals: the draws' SD, within ~5 % at 200)
       'bootstrap_draws': 200,
       # official / converted models: FID / KID in the FID InceptionV3's features (eval/quality/inception;

@@ -149,12 +149,19 @@ class AdaLNSelfAttn(nnx.Module):
     beforehand (generation computes it once per call, not once per scale). Returns (x_BLC, aux)."""
     if mod_B16C is None:
       mod_B16C = self.modulation(cond)
-    gamma1, gamma2, scale1, scale2, shift1, shift2 = (mod_B16C[:, :, i] for i in range(6))
-    q, k, v = self.attn.qkv(layer_norm(x_BLC, self.eps) * (1 + scale1) + shift1)
-    o_BHLD, aux = attend(q, k, v)
+    o_BHLD, aux = attend(*self.attn_in(x_BLC, mod_B16C))
+    return self.attn_out(x_BLC, o_BHLD, mod_B16C), aux
+
+  def attn_in(self, x_BLC: Array, mod_B16C: Array) -> tuple[Array, Array, Array]:
+    """The block up to its attention: q, k, v (B, H, L, hd) of the modulated LayerNorm of x."""
+    scale1, shift1 = mod_B16C[:, :, 2], mod_B16C[:, :, 4]
+    return self.attn.qkv(layer_norm(x_BLC, self.eps) * (1 + scale1) + shift1)
+
+  def attn_out(self, x_BLC: Array, o_BHLD: Array, mod_B16C: Array) -> Array:
+    """The block after its attention: the gated projection of `o_BHLD` and the gated FFN, on x."""
+    gamma1, gamma2, scale2, shift2 = (mod_B16C[:, :, i] for i in (0, 1, 3, 5))
     x_BLC = x_BLC + self.attn.out(o_BHLD) * gamma1
-    x_BLC = x_BLC + self.ffn(layer_norm(x_BLC, self.eps) * (1 + scale2) + shift2) * gamma2
-    return x_BLC, aux
+    return x_BLC + self.ffn(layer_norm(x_BLC, self.eps) * (1 + scale2) + shift2) * gamma2
 
 
 class AdaLNBeforeHead(nnx.Module):

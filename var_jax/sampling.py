@@ -167,20 +167,28 @@ def _scale_step(var_graph: nnx.GraphDef, var_state: nnx.State, vae_graph: nnx.Gr
   var_model: VAR = nnx.merge(var_graph, var_state)
   vae = nnx.merge(vae_graph, vae_state)
   policy = bind_arrays(policy, policy_data)
-  cfg = var_model.cfg
-  pn, b = cfg.patch_nums[scale], x_2BlC.shape[0] // 2
-
   logits_2BlV, new_state, qkv = _through_policy(var_model, policy, scale, state, x_2BlC, cond_2B,
                                                 capture_qkv)
-  guided_BlV = guide(logits_2BlV, t)
-  idx_Bl = sample_top_k_top_p(key, guided_BlV, top_k, top_p)
+  idx_Bl, f_hat_BhwC, x_next = sample_and_advance(var_model, vae, scale, logits_2BlV, t, key, top_k, top_p,
+                                                  f_hat_BhwC)
+  return idx_Bl, f_hat_BhwC, x_next, new_state, qkv, (logits_2BlV if capture_logits else None)
+
+
+def sample_and_advance(var_model: VAR, vae: nnx.Module, scale: int, logits_2BlV: Array, t: Array,
+                       key: Array, top_k: int, top_p: float, f_hat_BhwC: Array
+                       ) -> tuple[Array, Array, Array | None]:
+  """Scale `scale`'s guided sampling from its raw logits (2B, pn^2, V) and the VQ-VAE update: (idx (B,
+  pn^2) int32, f_hat, next scale's input (2B, pn'^2, C) or None after the last scale)."""
+  cfg = var_model.cfg
+  pn, b = cfg.patch_nums[scale], logits_2BlV.shape[0] // 2
+  idx_Bl = sample_top_k_top_p(key, guide(logits_2BlV, t), top_k, top_p)
   h_BpnpnC = vae.embed_idx(idx_Bl).reshape(b, pn, pn, cfg.z_channels)
   f_hat_BhwC, next_BhwC = vae.next_autoregressive_input(scale, f_hat_BhwC, h_BpnpnC)
   x_next = None
   if scale + 1 < len(cfg.patch_nums):
     x_BlC = var_model.embed_next(scale + 1, next_BhwC.reshape(b, -1, cfg.z_channels))
     x_next = jnp.concatenate([x_BlC, x_BlC], axis=0)
-  return idx_Bl, f_hat_BhwC, x_next, new_state, qkv, (logits_2BlV if capture_logits else None)
+  return idx_Bl, f_hat_BhwC, x_next
 
 
 @functools.partial(jax.jit, donate_argnames=('state',),

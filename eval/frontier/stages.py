@@ -151,13 +151,12 @@ def closed_loop_stage(config, paths: Paths, model, geometry, params: Params, job
   todo = [(spec, b) for spec, b in jobs if key(spec, b) not in table]
   noise_key = {'method': 'full', 'setting': 'default', 'budget': FULL_BUDGET}
   need_noise = bool(featurize) and noise_key not in table
-  ref, decode = [], []
+  ref, shared = [], []
 
   def program(policy):                     # on the compile thread: runs nothing
-    prog = closed_loop.compiled(model, policy, len(labels), gen, decode[0] if decode else None)
-    if not decode:
-      decode.append(prog.decode)
-    return prog
+    if not shared:                         # the model's programs: compiled once, for every policy
+      shared.append(closed_loop.model_programs(model, len(labels), gen))
+    return closed_loop.compiled(model, policy, len(labels), gen, shared[0])
 
   def append(row):
     table.append({**row, 'amortised_bits_per_coordinate': x_tf.get((row['method'], row['setting'],

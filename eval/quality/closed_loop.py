@@ -50,19 +50,27 @@ REAL_SEED = 9091            # real images: not the VAR's (0, 1_000_003), the cla
 NOISE_SEED_OFFSET = 1_000_000      # the noise floor's second full-cache draw: seed + this
 
 
-def compiled(model: Any, policy: Any, batch: int, gen: dict[str, Any], decode: Any = None) -> Any:
-  """`var_jax.compiled_generate.CompiledGenerate` of `policy` (None: the full cache) for `batch` images
-  with logits: the first `gen['fast_scales']` scales' steps with XLA's fast-compile options (they run in
-  milliseconds and compile in seconds), the later ones and the decode (`decode`: shared by every policy
-  of a batch size) with XLA's defaults. Runs nothing: the stage compiles the next policy on another
-  thread while the current one generates."""
+def model_programs(model: Any, batch: int, gen: dict[str, Any]) -> Any:
+  """The model's generation programs for `batch` images with logits (`var_jax.layered_generate.
+  ModelPrograms`, XLA's defaults): compiled once, shared by every policy of the closed loop."""
+  from var_jax.layered_generate import ModelPrograms  # pylint: disable=g-import-not-at-top
+  return ModelPrograms.compile(model.var, model.vae, batch, top_k=gen['top_k'], top_p=gen['top_p'],
+                               capture_logits=True)
+
+
+def compiled(model: Any, policy: Any, batch: int, gen: dict[str, Any], shared: Any = None) -> Any:
+  """`var_jax.layered_generate.LayeredGenerate` of `policy` (None: the full cache) for `batch` images
+  with logits, on `shared` (`model_programs` of this batch; made here when None): the policy compiles
+  only its own per-scale steps, the first `gen['fast_scales']` with XLA's fast-compile options. Runs
+  nothing: the stage compiles the next policy on another thread while the current one generates."""
   from compress.core.teacher_forced import fast_compile_options  # pylint: disable=g-import-not-at-top
-  from var_jax.compiled_generate import compile_generate, fast_early_scales  # pylint: disable=g-import-not-at-top
+  from var_jax.compiled_generate import fast_early_scales  # pylint: disable=g-import-not-at-top
+  from var_jax.layered_generate import compile_layered  # pylint: disable=g-import-not-at-top
   fast = fast_compile_options()
   options = fast_early_scales(len(model.patch_nums), int(gen.get('fast_scales', 0)),
                               None if fast is None else dict(fast))
-  return compile_generate(model.var, model.vae, policy, batch, top_k=gen['top_k'], top_p=gen['top_p'],
-                          capture_logits=True, options_per_scale=options, decode=decode)
+  shared = model_programs(model, batch, gen) if shared is None else shared
+  return compile_layered(shared, policy, options)
 
 
 def generate(model: Any, labels: Sequence[int], seeds: Sequence[int], gen: dict[str, Any],
