@@ -32,7 +32,8 @@ from var_jax.kvcache import CachePolicy, FullCache
 Options = dict[str, Any] | None
 
 
-def _shapes(tree: Any) -> Any:
+def shapes_of(tree: Any) -> Any:
+  """The jax.ShapeDtypeStruct of every array of `tree` (what `lower` takes)."""
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
 
 
@@ -101,7 +102,7 @@ def compile_generate(var_model: Any, vqvae: nnx.Module, policy: CachePolicy | No
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
   start = sampling._start.lower(var_graph, var_state, policy, labels).compile()  # pylint: disable=protected-access
   cond, x, state, f_hat = start.out_info
-  key = _shapes(jax.random.key(0))
+  key = shapes_of(jax.random.key(0))
   t = jax.ShapeDtypeStruct((), jnp.float32)
   arrays = sampling.policy_arrays(policy)
   steps = []

@@ -34,13 +34,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from var_jax import sampling
+from var_jax.compiled_generate import compile_decode, shapes_of
 from var_jax.kvcache import CachePolicy, FullCache
 
 Options = dict[str, Any] | None
-
-
-def _shapes(tree: Any) -> Any:
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
 
 
 @functools.partial(jax.jit, static_argnames=('var_graph',))
@@ -116,7 +113,6 @@ class ModelPrograms:
               ) -> ModelPrograms:
     """Compiles (runs nothing) the model's programs with XLA `options` (None: defaults); `decode`: a
     `compiled_generate.compile_decode` of this batch to reuse."""
-    from var_jax.compiled_generate import compile_decode  # pylint: disable=g-import-not-at-top
     if batch < 1:
       raise ValueError(f'batch must be >= 1, got {batch}')
     mcfg = var_model.cfg
@@ -129,7 +125,7 @@ class ModelPrograms:
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
     start = _start.lower(var_graph, var_state, labels).compile(compiler_options=options)
     cond, x, f_hat = start.out_info
-    key, t = _shapes(jax.random.key(0)), jax.ShapeDtypeStruct((), jnp.float32)
+    key, t = shapes_of(jax.random.key(0)), jax.ShapeDtypeStruct((), jnp.float32)
     mod = cond['blocks'][0]
     block_in, block_out, head, qkv = [], [], [], []
     for scale in range(len(mcfg.patch_nums)):

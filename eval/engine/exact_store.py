@@ -54,11 +54,14 @@ class ExactStore:
     return out
 
 
-def for_run(workdir: str, capture_dir: str, num_sequences: int) -> ExactStore:
-  """The store of a frontier run: `WORKDIR/exact`, for the first `num_sequences` held-out sequences of
-  the capture in `capture_dir` (named by its fingerprint)."""
+def for_run(workdir: str, capture_dir: str, num_sequences: int, split: str = 'val') -> ExactStore:
+  """The store of a frontier run: `WORKDIR/exact` (the dev split's: `WORKDIR/exact_dev`), for the first
+  `num_sequences` sequences of `split` of the capture in `capture_dir` (named by its fingerprint)."""
   from var_jax.provenance import fingerprint  # pylint: disable=g-import-not-at-top
-  return ExactStore(os.path.join(workdir, 'exact'), {**fingerprint(capture_dir), 'sequences': int(num_sequences)})
+  identity = {**fingerprint(capture_dir), 'sequences': int(num_sequences)}
+  if split == 'val':
+    return ExactStore(os.path.join(workdir, 'exact'), identity)
+  return ExactStore(os.path.join(workdir, f'exact_{split}'), {**identity, 'split': split})
 
 
 def _write_atomic(path: str, write: Callable[[Any], None]) -> None:

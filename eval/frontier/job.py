@@ -199,6 +199,9 @@ def run_model(config: ml_collections.ConfigDict, paths: Paths, prepare: Callable
   if dev is not None:
     tuning_path = os.path.join(paths.workdir, tuning.TUNING_FILE)
     if cluster.lead:
+      # references from a store, as the val sweep's: a setting's dev program is then the very program
+      # its val point runs (same compressor and shapes, when it has no shared parameters), compiled once
+      dev.exact_store = exact_store.for_run(paths.workdir, paths.capture, dev.num_sequences, 'dev')
       evaluate_dev, prepare_dev = point_fns(config, dev, geometry, params, batch, served, 'dev')
       jobs, selection, failed = tuning.tuned_jobs(config, jobs, evaluate_dev, tuning_path, prepare_dev)
     cluster.barrier('tuned')
