@@ -286,6 +286,10 @@ def test_grid_setting_is_the_best_on_dev(model_run):
   assert row['selection'] == f'best on dev of pca(key_fraction=0.25|key_fraction=0.75): {best}'
   runs = {run for run, _ in tb.series(read_csv(os.path.join(model_run, 'frontier.csv')), [], [], [])}
   assert tb.run_name('lowrank', 'pca', 'best') in runs and tb.run_name('lowrank', 'pca', best) not in runs
+  # dev's references came from their own store, as val's do (a dev program is then its val point's)
+  with open(os.path.join(model_run, 'exact_dev', 'manifest.json')) as f:
+    assert json.load(f)['split'] == 'dev'
+  assert any(n.endswith('.npy') for n in os.listdir(os.path.join(model_run, 'exact_dev')))
 
 
 @pytest.mark.slow

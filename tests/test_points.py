@@ -123,3 +123,25 @@ def test_compiled_programs_are_freed_before_mappings_run_out(tmp_path, monkeypat
     rows[budget] = [(r['method'], r['rel_error'], r['bits']) for r in table.rows]
     assert len(cleared) == (len(jobs) if budget == 0 else 0)
   assert rows[0] == rows[10 ** 9]
+
+
+def test_a_dev_point_with_stored_references_compiles_its_val_point(tmp_path):
+  """Tuning reads dev references from a store as the val sweep does (eval/frontier/job.py), so a
+  setting's val point runs the program its dev point compiled: none compiles again. Without the dev
+  store (references computed in the program) the val point compiles its own."""
+  q, k, v = (np.asarray(x) for x in var_like_qkv(jax.random.key(1), PN, layers=2, batch=6, heads=2, head_dim=D))
+  g = CacheGeometry(PN, D)
+  spec = sweep.MethodSpec.parse('kivi(bit_width=2)')
+  split = lambda a, b: sweep.CacheSet({'q': q[:, a:b], 'k': k[:, a:b], 'v': v[:, a:b]}, np.arange(b - a), PN)
+  compiled_by_val = {}
+  for stored in (True, False):
+    jax.clear_caches()
+    dev, val = split(0, 2), split(2, 6)                       # dev: one batch of 2; val: two of 2
+    val.exact_store = exact_store.ExactStore(os.path.join(tmp_path, f'val{stored}'), {'split': 'val'})
+    if stored:
+      dev.exact_store = exact_store.ExactStore(os.path.join(tmp_path, 'dev'), {'split': 'dev'})
+    sweep.evaluate_spec(spec, '25%', dev, g, lambda s, c: None, batch=2, level=0.95)
+    before = len(_compiles)
+    sweep.evaluate_spec(spec, '25%', val, g, lambda s, c: None, batch=2, level=0.95)
+    compiled_by_val[stored] = [f for _, f in _compiles[before:] if '_errors_body' in f]
+  assert compiled_by_val == {True: [], False: [compiled_by_val[False][0]]}, compiled_by_val
