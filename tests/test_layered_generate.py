@@ -8,6 +8,8 @@ one whose parameters differ per layer (pca: each layer must get its own). Faults
 breaking the code): every layer given layer 0's parameters, a block's state reused for another
 layer, the guidance weight of another scale, the state of one layer written to another.
 """
+from types import SimpleNamespace
+
 import jax
 import numpy as np
 import pytest
@@ -75,3 +77,5 @@ def test_policies_share_the_model_programs_and_refuse_another_batch(model, progr
     b([1, 2], jax.random.key(0))
   with pytest.raises(ValueError, match='options_per_scale has 2 entries'):
     compile_layered(programs, None, [None, None])
+  with pytest.raises(ValueError, match='generate with var_jax.sampling.generate'):   # layer-dependent policies
+    compile_layered(programs, SimpleNamespace(init=None, attend=None))

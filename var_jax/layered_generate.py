@@ -42,13 +42,8 @@ Options = dict[str, Any] | None
 
 @functools.partial(jax.jit, static_argnames=('var_graph',))
 def _start(var_graph: nnx.GraphDef, var_state: nnx.State, labels_B: jax.Array):
-  """(conditioning of the 2B rows (`VAR.conditioning`), first input (2B, pn0^2, C), f_hat zeros)."""
-  var_model = nnx.merge(var_graph, var_state)
-  cfg = var_model.cfg
-  cond_2BD = var_model.cond(jnp.concatenate([labels_B, jnp.full_like(labels_B, cfg.num_classes)]))
-  pn = cfg.patch_nums[-1]
-  f_hat = jnp.zeros((labels_B.shape[0], pn, pn, cfg.z_channels), jnp.float32)
-  return var_model.conditioning(cond_2BD), var_model.embed_first(cond_2BD), f_hat
+  """`sampling.start_inputs`: conditioning, first input, f_hat zeros."""
+  return sampling.start_inputs(nnx.merge(var_graph, var_state), labels_B)
 
 
 @functools.partial(jax.jit, static_argnames=('block_graph',))
@@ -203,6 +198,10 @@ def compile_layered(model: ModelPrograms, policy: CachePolicy | None,
   if len(options) != num_scales:
     raise ValueError(f'options_per_scale has {len(options)} entries for {num_scales} scales')
   policy = FullCache(tuple(mcfg.patch_nums)) if policy is None else policy
+  if not isinstance(policy, FullCache) and not hasattr(policy, 'compressor'):
+    raise ValueError(f'{type(policy).__name__}: layered generation runs one program for every layer, so '
+                     'it takes FullCache or compress.CompressorPolicy (whose steps depend on the layer '
+                     'through its parameters only); generate with var_jax.sampling.generate instead')
   init = _init.lower(policy, 2 * model.batch, mcfg.num_heads, mcfg.head_dim, mcfg.depth,
                      tuple(mcfg.patch_nums)).compile()
   state = init.out_info[0]

@@ -130,13 +130,20 @@ def _start(var_graph: nnx.GraphDef, var_state: nnx.State, policy: CachePolicy, l
   (2B, pn0^2, C), empty policy state, f_hat zeros (B, pnK, pnK, Cvae))."""
   var_model: VAR = nnx.merge(var_graph, var_state)
   cfg = var_model.cfg
-  b = labels_B.shape[0]
+  cond, x_2BlC, f_hat = start_inputs(var_model, labels_B)
+  state = policy.init(2 * labels_B.shape[0], cfg.num_heads, cfg.head_dim, cfg.depth,
+                      patch_nums=tuple(cfg.patch_nums))
+  return cond, x_2BlC, state, f_hat
+
+
+def start_inputs(var_model: VAR, labels_B: Array) -> tuple[dict[str, Any], Array, Array]:
+  """(conditioning of the 2B rows (`VAR.conditioning`), first input (2B, pn0^2, C), f_hat zeros (B,
+  pnK, pnK, Cvae)): the class, then the null class, per image."""
+  cfg = var_model.cfg
   cond_2BD = var_model.cond(jnp.concatenate([labels_B, jnp.full_like(labels_B, cfg.num_classes)]))
-  x_2BlC = var_model.embed_first(cond_2BD)
-  state = policy.init(2 * b, cfg.num_heads, cfg.head_dim, cfg.depth, patch_nums=tuple(cfg.patch_nums))
   pn = cfg.patch_nums[-1]
-  f_hat = jnp.zeros((b, pn, pn, cfg.z_channels), jnp.float32)
-  return var_model.conditioning(cond_2BD), x_2BlC, state, f_hat
+  f_hat = jnp.zeros((labels_B.shape[0], pn, pn, cfg.z_channels), jnp.float32)
+  return var_model.conditioning(cond_2BD), var_model.embed_first(cond_2BD), f_hat
 
 
 def guidance_weight(cfg: float, scale: int, num_scales: int) -> np.float32:
