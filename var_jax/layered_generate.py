@@ -34,10 +34,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from var_jax import sampling
-from var_jax.compiled_generate import compile_decode, shapes_of
+from var_jax.compiled_generate import Options, compile_decode, shapes_of
 from var_jax.kvcache import CachePolicy, FullCache
-
-Options = dict[str, Any] | None
 
 
 @functools.partial(jax.jit, static_argnames=('var_graph',))
@@ -100,14 +98,12 @@ class ModelPrograms:
   block_out: list[Callable]
   head: list[Callable]
   decode: Callable
-  shapes: dict[str, Any]
+  qkv_shapes: list[Any]          # per scale: the q (= k = v) shape the policy's step takes
 
   @classmethod
   def compile(cls, var_model: Any, vqvae: nnx.Module, batch: int, *, top_k: int = 900, top_p: float = 0.96,
-              capture_logits: bool = False, options: Options = None, decode: Callable | None = None
-              ) -> ModelPrograms:
-    """Compiles (runs nothing) the model's programs with XLA `options` (None: defaults); `decode`: a
-    `compiled_generate.compile_decode` of this batch to reuse."""
+              capture_logits: bool = False) -> ModelPrograms:
+    """Compiles (runs nothing) the model's programs, with XLA's default options."""
     if batch < 1:
       raise ValueError(f'batch must be >= 1, got {batch}')
     mcfg = var_model.cfg
@@ -118,18 +114,18 @@ class ModelPrograms:
       block_graph, state = nnx.split(block)
       block_states.append(state)
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    start = _start.lower(var_graph, var_state, labels).compile(compiler_options=options)
+    start = _start.lower(var_graph, var_state, labels).compile()
     cond, x, f_hat = start.out_info
     key, t = shapes_of(jax.random.key(0)), jax.ShapeDtypeStruct((), jnp.float32)
     mod = cond['blocks'][0]
     block_in, block_out, head, qkv = [], [], [], []
     for scale in range(len(mcfg.patch_nums)):
-      b_in = _block_in.lower(block_graph, block_states[0], x, mod).compile(compiler_options=options)
+      b_in = _block_in.lower(block_graph, block_states[0], x, mod).compile()
       q = b_in.out_info[0]
-      b_out = _block_out.lower(block_graph, block_states[0], x, q, mod).compile(compiler_options=options)
+      b_out = _block_out.lower(block_graph, block_states[0], x, q, mod).compile()
       hd = _head.lower(var_graph, var_state, vae_graph, vae_state, scale, int(top_k), float(top_p),
                        bool(capture_logits), x, cond['cond'], cond['head'], f_hat, t, key
-                       ).compile(compiler_options=options)
+                       ).compile()
       block_in.append(b_in)
       block_out.append(b_out)
       head.append(hd)
@@ -137,8 +133,7 @@ class ModelPrograms:
       _, f_hat, x, _ = hd.out_info
     return cls(var_model=var_model, batch=batch, var_state=var_state, vae_state=vae_state,
                block_states=block_states, start=start, block_in=block_in, block_out=block_out, head=head,
-               decode=decode if decode is not None else compile_decode(vqvae, batch),
-               shapes={'qkv': qkv})
+               decode=compile_decode(vqvae, batch), qkv_shapes=qkv)
 
 
 @dataclasses.dataclass
@@ -149,14 +144,11 @@ class LayeredGenerate:
   policy: CachePolicy
   init: Callable
   attend: list[Callable]
+  layer_params: list[Any]        # per layer: its parameters with a leading axis of 1 (None: none)
 
   @property
   def decode(self) -> Callable:
     return self.model.decode
-
-  @property
-  def batch(self) -> int:
-    return self.model.batch
 
   def __call__(self, labels_B: Any, key: jax.Array, cfg: float = 1.5) -> sampling.GenerateOutput:
     m = self.model
@@ -165,9 +157,6 @@ class LayeredGenerate:
     if labels_B.shape[0] != m.batch:
       raise ValueError(f'this generation was compiled for {m.batch} labels, got {labels_B.shape[0]}; '
                        'compile another with ModelPrograms.compile(..., batch=...)')
-    params = sampling.policy_arrays(self.policy)
-    layer_params = [None if params is None else jax.tree.map(lambda p, i=i: p[i:i + 1], params)
-                    for i in range(len(m.block_states))]
     cond, x, f_hat = m.start(m.var_state, labels_B)
     state = list(self.init())
     keys = jax.random.split(key, num_scales)
@@ -176,7 +165,7 @@ class LayeredGenerate:
       for layer, block_state in enumerate(m.block_states):
         mod = cond['blocks'][layer]
         q, k, v = m.block_in[scale](block_state, x, mod)
-        o, state[layer] = self.attend[scale](layer_params[layer], state[layer], q, k, v)
+        o, state[layer] = self.attend[scale](self.layer_params[layer], state[layer], q, k, v)
         x = m.block_out[scale](block_state, x, o, mod)
       t = sampling.guidance_weight(cfg, scale, num_scales)
       idx, f_hat, x, lg = m.head[scale](m.var_state, m.vae_state, x, cond['cond'], cond['head'], f_hat, t,
@@ -206,12 +195,13 @@ def compile_layered(model: ModelPrograms, policy: CachePolicy | None,
                      tuple(mcfg.patch_nums)).compile()
   state = init.out_info[0]
   params = sampling.policy_arrays(policy)
-  params = None if params is None else jax.tree.map(
-      lambda p: jax.ShapeDtypeStruct((1,) + tuple(p.shape[1:]), p.dtype), params)
+  layer_params = [None if params is None else jax.tree.map(lambda p, i=i: p[i:i + 1], params)
+                  for i in range(mcfg.depth)]
   attend = []
   for scale in range(num_scales):
-    q = model.shapes['qkv'][scale]
-    prog = _attend.lower(policy, scale, params, state, q, q, q).compile(compiler_options=options[scale])
+    q = model.qkv_shapes[scale]
+    prog = _attend.lower(policy, scale, shapes_of(layer_params[0]), state, q, q, q).compile(
+        compiler_options=options[scale])
     state = prog.out_info[1]
     attend.append(prog)
-  return LayeredGenerate(model=model, policy=policy, init=init, attend=attend)
+  return LayeredGenerate(model=model, policy=policy, init=init, attend=attend, layer_params=layer_params)
