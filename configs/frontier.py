@@ -14,9 +14,9 @@ Variants:
   default  the built-in default model: the best-known heuristics of every family (+ oracle, full cache)
            at 5 budgets from 3.125 to 50 % of the fp16 cache on 64 held-out sequences, the learned
            eviction and merging compressors (trained on demand, 300 steps, once: their scorers serve
-           every budget), rank bounds, closed loop (composed_learned, merge_learned, kivi at 10 %;
-           all of QUALITY_METHODS at 5, 10, 25 % on request) on 240 images (20 per class) with FID /
-           KID against the full cache and real images.
+           every budget), rank bounds, closed loop (QUALITY_METHODS: the best of every family, composed
+           and composed_learned, at 5, 10 and 25 %) on 240 images (20 per class) with FID / KID against
+           the full cache and real images, and the noise floor.
   hard     no model: every non-learned compressor on the flat and the VAR-schedule hard instance
            against the rate-distortion bound (compress.theory.hard_instance), over 3 draws.
   full     every registered compressor (learned ones trained longer) at 6 budgets on more sequences.
@@ -45,15 +45,13 @@ D16_BUDGETS = ('3.125%', '5%', '10%', '15%', '25%', '50%')
 DEFAULT_METHODS = ('full', 'scalekv', 'cam', 'kivi', 'pca', 'attn_matching', 'composed')
 # the main job's learned compressors (lowrank_learned and evict_learned: in `full`)
 LEARNED = ('merge_learned', 'composed_learned')
-# the closed loop: the best of every family on the frontier, and composed, at 5, 10 and 25 % (20 points,
-# ~7 min on 2 cores: one program per method and budget, ~10 s of compile and ~7 s of generation each);
-# the 10-minute main job runs three (the best learned of the composed and merging families and the
-# best heuristic) at 10 % (at 5 and 10 % the job took 10:46 with its install: docs/frontier.md), and
-# extends to all of them on the same workdir (only new points run) with
-#   --config.closed_loop.methods="QUALITY_METHODS" --config.closed_loop.budgets="('5%','10%','25%')"
+# the closed loop: the best of every family on the frontier, and composed, at 5, 10 and 25 % (20 points:
+# composed_learned is trained at 3.125 to 10 % only), 240 images each; ~3.5 min of the main job on 2
+# cores (a point: its policy's attention steps compiled while the previous point generates, ~4 s of
+# generation with the model's shared programs, ~2 s of metrics; docs/frontier.md, "Cost")
 QUALITY_METHODS = ('composed_learned', 'composed', 'merge_learned', 'kivi', 'pca', 'scalekv', 'attn_matching')
-CLOSED_LOOP_METHODS = ('composed_learned', 'merge_learned', 'kivi')
-CLOSED_LOOP_BUDGETS = ('10%',)
+CLOSED_LOOP_METHODS = QUALITY_METHODS
+CLOSED_LOOP_BUDGETS = ('5%', '10%', '25%')
 # each heuristic family's free setting, chosen per budget on the dev split (tuning.grids): kivi's bit
 # width (the quantiser's rate), pca's split of coefficient dims between keys and values, cam's merge
 # threshold; the others' settings are fixed (docs/frontier.md says why). A first run's dev choices

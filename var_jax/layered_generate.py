@@ -36,6 +36,7 @@ from flax import nnx
 from var_jax import sampling
 from var_jax.compiled_generate import Options, compile_decode, shapes_of
 from var_jax.kvcache import CachePolicy, FullCache
+from var_jax.xla_cpu import generation_options
 
 
 @functools.partial(jax.jit, static_argnames=('var_graph',))
@@ -103,7 +104,7 @@ class ModelPrograms:
   @classmethod
   def compile(cls, var_model: Any, vqvae: nnx.Module, batch: int, *, top_k: int = 900, top_p: float = 0.96,
               capture_logits: bool = False) -> ModelPrograms:
-    """Compiles (runs nothing) the model's programs, with XLA's default options."""
+    """Compiles (runs nothing) the model's programs, with `var_jax.xla_cpu.generation_options`."""
     if batch < 1:
       raise ValueError(f'batch must be >= 1, got {batch}')
     mcfg = var_model.cfg
@@ -114,18 +115,19 @@ class ModelPrograms:
       block_graph, state = nnx.split(block)
       block_states.append(state)
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    start = _start.lower(var_graph, var_state, labels).compile()
+    opts = generation_options()
+    start = _start.lower(var_graph, var_state, labels).compile(compiler_options=opts)
     cond, x, f_hat = start.out_info
     key, t = shapes_of(jax.random.key(0)), jax.ShapeDtypeStruct((), jnp.float32)
     mod = cond['blocks'][0]
     block_in, block_out, head, qkv = [], [], [], []
     for scale in range(len(mcfg.patch_nums)):
-      b_in = _block_in.lower(block_graph, block_states[0], x, mod).compile()
+      b_in = _block_in.lower(block_graph, block_states[0], x, mod).compile(compiler_options=opts)
       q = b_in.out_info[0]
-      b_out = _block_out.lower(block_graph, block_states[0], x, q, mod).compile()
+      b_out = _block_out.lower(block_graph, block_states[0], x, q, mod).compile(compiler_options=opts)
       hd = _head.lower(var_graph, var_state, vae_graph, vae_state, scale, int(top_k), float(top_p),
                        bool(capture_logits), x, cond['cond'], cond['head'], f_hat, t, key
-                       ).compile()
+                       ).compile(compiler_options=opts)
       block_in.append(b_in)
       block_out.append(b_out)
       head.append(hd)
@@ -180,7 +182,8 @@ class LayeredGenerate:
 def compile_layered(model: ModelPrograms, policy: CachePolicy | None,
                     options_per_scale: Sequence[Options] | None = None) -> LayeredGenerate:
   """Compiles (runs nothing) `policy`'s init and one `attend` program per scale (None: FullCache) on
-  `model`'s shapes; `options_per_scale`: XLA options of each scale's program (None: defaults)."""
+  `model`'s shapes; `options_per_scale`: XLA options of each scale's program, over
+  `var_jax.xla_cpu.generation_options` (None: those alone)."""
   mcfg = model.var_model.cfg
   num_scales = len(mcfg.patch_nums)
   options = list(options_per_scale) if options_per_scale is not None else [None] * num_scales
@@ -192,7 +195,7 @@ def compile_layered(model: ModelPrograms, policy: CachePolicy | None,
                      'it takes FullCache or compress.CompressorPolicy (whose steps depend on the layer '
                      'through its parameters only); generate with var_jax.sampling.generate instead')
   init = _init.lower(policy, 2 * model.batch, mcfg.num_heads, mcfg.head_dim, mcfg.depth,
-                     tuple(mcfg.patch_nums)).compile()
+                     tuple(mcfg.patch_nums)).compile(compiler_options=generation_options())
   state = init.out_info[0]
   params = sampling.policy_arrays(policy)
   layer_params = [None if params is None else jax.tree.map(lambda p, i=i: p[i:i + 1], params)
@@ -201,7 +204,7 @@ def compile_layered(model: ModelPrograms, policy: CachePolicy | None,
   for scale in range(num_scales):
     q = model.qkv_shapes[scale]
     prog = _attend.lower(policy, scale, shapes_of(layer_params[0]), state, q, q, q).compile(
-        compiler_options=options[scale])
+        compiler_options=generation_options(options[scale]))
     state = prog.out_info[1]
     attend.append(prog)
   return LayeredGenerate(model=model, policy=policy, init=init, attend=attend, layer_params=layer_params)

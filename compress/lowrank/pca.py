@@ -41,7 +41,7 @@ def fit_pca(x_NBHLD: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
   x_NHTD = np.moveaxis(x, 2, 1).reshape(N, H, B * L, D)
   mean_NHD = x_NHTD.mean(2)
   xc = x_NHTD - mean_NHD[:, :, None]
-  cov_NHDD = np.einsum('nhtd,nhte->nhde', xc, xc) / max(B * L, 1)
+  cov_NHDD = np.matmul(np.swapaxes(xc, -1, -2), xc) / max(B * L, 1)      # BLAS, not einsum's loops
   _, vecs = np.linalg.eigh(cov_NHDD)                       # ascending eigenvalues
   return mean_NHD, vecs[..., ::-1][..., :rank]
 

@@ -1,0 +1,56 @@
+"""The generation programs' XLA options (var_jax/xla_cpu.py): no YNNPACK fusions on CPU.
+
+Checked: the option reaches every program of `ModelPrograms` and `compile_layered` (no `__ynn_fusion`
+in their compiled HLO, where XLA's defaults make some at these shapes), options given by the caller
+win, VAR_XLA_DEFAULTS=1 turns it off, and generation with it draws the same tokens and images (to
+float rounding) as with XLA's defaults. Fault caught (checked by breaking the code): a program of
+ModelPrograms compiled without the options.
+"""
+import jax
+import numpy as np
+import pytest
+
+import var_jax
+from var_jax import xla_cpu
+from var_jax.layered_generate import ModelPrograms, compile_layered
+
+LABELS = [0, 3, 11, 5]
+
+
+@pytest.fixture(scope='module')
+def model():
+  return var_jax.load_default()
+
+
+def _programs(model):
+  mp = ModelPrograms.compile(model.var, model.vae, len(LABELS), top_k=0, top_p=0.0, capture_logits=True)
+  return mp, compile_layered(mp, None)
+
+
+def _texts(mp, gen):
+  progs = [mp.start, mp.decode, *mp.block_in, *mp.block_out, *mp.head, gen.init, *gen.attend]
+  return [p.as_text() for p in progs]
+
+
+def test_options_merge_and_turn_off(monkeypatch):
+  monkeypatch.delenv(xla_cpu.DEFAULTS_ENV, raising=False)
+  assert xla_cpu.generation_options() == xla_cpu.NO_YNN          # this jaxlib (CPU) accepts the option
+  mine = {'xla_backend_optimization_level': 0, 'xla_cpu_experimental_ynn_fusion_type': 'dot'}
+  assert xla_cpu.generation_options(mine) == mine                  # the caller's options win
+  monkeypatch.setenv(xla_cpu.DEFAULTS_ENV, '1')
+  assert xla_cpu.generation_options() is None
+  assert xla_cpu.generation_options({'xla_backend_optimization_level': 0}) == {'xla_backend_optimization_level': 0}
+
+
+def test_generation_programs_compile_without_ynn_fusions_and_draw_the_same_images(model, monkeypatch):
+  monkeypatch.delenv(xla_cpu.DEFAULTS_ENV, raising=False)
+  mp, gen = _programs(model)
+  assert not any('__ynn_fusion' in t for t in _texts(mp, gen))
+  got = gen(LABELS, jax.random.key(3), 1.5)
+  monkeypatch.setenv(xla_cpu.DEFAULTS_ENV, '1')
+  mp0, gen0 = _programs(model)
+  assert any('__ynn_fusion' in t for t in _texts(mp0, gen0))       # XLA's defaults do fuse here
+  want = gen0(LABELS, jax.random.key(3), 1.5)
+  for a, b in zip(want.tokens, got.tokens):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_allclose(np.asarray(got.images), np.asarray(want.images), rtol=1e-5, atol=1e-5)
