@@ -18,12 +18,16 @@ import pytest
 
 import var_jax
 from compress.core.budget import CacheGeometry
+from compress.core.policy import CompressorPolicy
 from configs import frontier as frontier_config
+from eval.engine import sweep
 from eval.engine.results import Paths, write_table
 from eval.engine.sweep import COLUMNS as SWEEP_COLUMNS
 from eval.frontier import stages
-from eval.quality import classifier, closed_loop, distribution
+from eval.quality import classifier, closed_loop, distribution, metrics
+from eval.report import tb
 from eval.report.tb import read_table
+from var_jax.kvcache import FullCache
 
 
 @pytest.mark.slow
@@ -34,12 +38,13 @@ def test_closed_loop_stage_on_the_builtin_model(tmp_path, capsys, monkeypatch):
   c.closed_loop.update({'methods': ('window',), 'budgets': ('10%',), 'labels': tuple(range(12)), 'seeds': (0,),
                         'repeats': 1})
   paths = Paths(str(tmp_path))
-  drawn, generate = {}, closed_loop.generate        # the images of every generation, by policy and seeds
+  drawn, dispatch = {}, closed_loop.dispatch        # the images of every generation, by policy and seeds
   def recording(model, labels, seeds, gen, policy=None, program=None):
-    out = generate(model, labels, seeds, gen, policy, program)
-    drawn[policy is None, tuple(seeds)] = out['images']
-    return out
-  monkeypatch.setattr(closed_loop, 'generate', recording)
+    outs = dispatch(model, labels, seeds, gen, policy, program)
+    full = isinstance(program.policy, FullCache) if program is not None else policy is None
+    drawn[full, tuple(seeds)] = np.asarray(outs[0].images, np.float32)
+    return outs
+  monkeypatch.setattr(closed_loop, 'dispatch', recording)
   stub = lambda m, b, x: {'dataset': 'val', 'method': m, 'setting': 'default', 'budget': b, 'rel_error': 0.1,
                           'amortised_bits_per_coordinate': x}
   write_table(paths.frontier, SWEEP_COLUMNS, [stub('window', '10%', 1.6), stub('window', '5%', 0.8),
@@ -77,3 +82,35 @@ def test_closed_loop_stage_on_the_builtin_model(tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(closed_loop, 'noise_floor', boom)
   assert stages.closed_loop_stage(c, paths, model, geometry, lambda spec, comp: None,
                                    stages.closed_jobs(c, []))[0] == rows
+
+
+@pytest.mark.slow
+def test_each_point_keeps_its_own_generation(tmp_path):
+  """The stage computes a point's metrics while the next point generates: each row and image file must
+  still be its own policy's (generated again here, alone). Fault caught (checked by breaking the
+  code): the previous point's generation finished under the next point's name."""
+  model = var_jax.load_default()
+  geometry = CacheGeometry(model.patch_nums, model.var.cfg.head_dim)
+  c = frontier_config.get_config('default')
+  c.closed_loop.update({'methods': ('window',), 'budgets': ('10%', '5%'), 'labels': tuple(range(12)),
+                        'seeds': (0,), 'repeats': 1})
+  paths = Paths(str(tmp_path))
+  stub = lambda b: {'dataset': 'val', 'method': 'window', 'setting': 'default', 'budget': b, 'rel_error': 0.1,
+                    'amortised_bits_per_coordinate': 1.0}
+  write_table(paths.frontier, SWEEP_COLUMNS, [stub('10%'), stub('5%')])
+  jobs = stages.closed_jobs(c, [])
+  rows, _ = stages.closed_loop_stage(c, paths, model, geometry, lambda spec, comp: None, jobs)
+  cl = c.closed_loop
+  gen = {'cfg': cl.cfg, 'top_k': cl.top_k, 'top_p': cl.top_p}
+  ref = closed_loop.generate(model, cl.labels, cl.seeds, gen)
+  by = {r['budget']: r for r in rows if r['method'] == 'window'}
+  psnrs = []
+  for spec, budget in jobs:
+    policy = CompressorPolicy(sweep.fitted(spec, budget, geometry, None), None)
+    want = closed_loop.generate(model, cl.labels, cl.seeds, gen, policy)['images']
+    saved = np.load(os.path.join(paths.samples, f'{tb.tag(f"{spec}@{budget}").replace("/", "_")}.npy'))
+    np.testing.assert_array_equal(saved, np.round(want * 255).astype(np.uint8))
+    psnr = np.minimum(metrics.psnr(ref['images'], want), closed_loop.PSNR_CAP).mean()
+    assert float(by[budget]['psnr']) == pytest.approx(psnr, rel=1e-6)
+    psnrs.append(psnr)
+  assert psnrs[0] != pytest.approx(psnrs[1], rel=1e-3)       # two different generations

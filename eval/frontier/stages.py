@@ -3,6 +3,7 @@ and references on the held-out caches, and the closed loop (generation with comp
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import ml_collections
@@ -174,16 +175,27 @@ def closed_loop_stage(config, paths: Paths, model, geometry, params: Params, job
         append(closed_loop.noise_floor(model, ref[0], labels, cl.seeds, gen, config.confidence,
                                        geometry.fp16_bits, program=full)[0])
       del full
+    def finish(spec, budget, policy, prog, outs, started):   # waits for the generation, then metrics
+      row, images = closed_loop.evaluate_policy(model, policy.compressor, policy.params, spec.setting,
+                                                budget, ref[0], labels, cl.seeds, gen, config.confidence,
+                                                program=prog, outs=outs, started=started)
+      np.save(img_path(f'{spec}@{budget}'), np.round(images * 255).astype(np.uint8))
+      append(row)
+
+    previous = None     # the point generating while this one is dispatched: its metrics overlap ours
     for i, ((spec, budget), policy) in enumerate(zip(todo, policies)):
       prog = pending.result()
       free_code()                     # no compile in flight now: frees code past the mapping budget
       pending = pool.submit(program, policies[i + 1]) if i + 1 < len(policies) else None
-      row, images = closed_loop.evaluate_policy(model, policy.compressor, policy.params, spec.setting,
-                                                budget, ref[0], labels, cl.seeds, gen, config.confidence,
-                                                program=prog)
-      del prog
-      np.save(img_path(f'{spec}@{budget}'), np.round(images * 255).astype(np.uint8))
-      append(row)
+      started = time.perf_counter()
+      outs = closed_loop.dispatch(model, labels, cl.seeds, gen, program=prog)
+      if previous is not None:
+        finish(*previous)
+      previous = (spec, budget, policy, prog, outs, started)
+      del prog, outs
+    if previous is not None:
+      finish(*previous)
+      previous = None
   grids = {}
   names = list(dict.fromkeys(spec.name for spec, _ in jobs))
   for name in names:

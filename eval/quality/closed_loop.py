@@ -32,7 +32,7 @@ from compress.core.policy import CompressorPolicy
 from eval.engine.stats import bootstrap_mean_ci
 from eval.engine.sweep import FULL_BUDGET
 from eval.quality import distribution
-from eval.quality.metrics import kl_logits, psnr, ssim
+from eval.quality.metrics import kl_logprobs, log_softmax, psnr, ssim
 from var_jax import sampling
 from var_jax.data import BuiltinDataset
 
@@ -73,31 +73,43 @@ def compiled(model: Any, policy: Any, batch: int, gen: dict[str, Any], shared: A
   return compile_layered(shared, policy, options)
 
 
-def generate(model: Any, labels: Sequence[int], seeds: Sequence[int], gen: dict[str, Any],
-             policy: Any = None, program: Any = None) -> dict[str, Any]:
-  """Generation of `labels` once per seed (one batch of all labels per seed): tokens per scale (n,
-  pn^2), images (n, H, W, 3) in [0, 1], guided logits per scale (n, pn^2, V), final state (last seed).
+def dispatch(model: Any, labels: Sequence[int], seeds: Sequence[int], gen: dict[str, Any],
+             policy: Any = None, program: Any = None) -> list[Any]:
+  """Starts the generation of `labels` once per seed (one batch of all labels per seed) and returns
+  its outputs (`sampling.GenerateOutput`, one per seed) without waiting for them: XLA computes while
+  the caller does other work (the stage computes the previous point's metrics), `collect` waits.
   `program`: the policy's `compiled` programs for len(labels) images (made here when None)."""
-  K = len(model.patch_nums)
   program = compiled(model, policy, len(labels), gen) if program is None else program
+  return [program(list(labels), jax.random.key(int(seed)), gen['cfg']) for seed in seeds]
+
+
+def collect(outs: Sequence[Any], gen: dict[str, Any]) -> dict[str, Any]:
+  """`dispatch`'s outputs on the host: tokens per scale (n, pn^2), images (n, H, W, 3) in [0, 1],
+  guided logits per scale (n, pn^2, V), final state (last seed)."""
+  K = len(outs[0].tokens)
   tokens, images, logits = [[] for _ in range(K)], [], [[] for _ in range(K)]
-  out = None
-  for seed in seeds:
-    out = program(list(labels), jax.random.key(int(seed)), gen['cfg'])
+  for out in outs:
     for si in range(K):
       t = sampling.guidance_weight(gen['cfg'], si, K)
       logits[si].append(sampling.guide(np.asarray(out.logits[si], np.float32), t))
       tokens[si].append(np.asarray(out.tokens[si]))
     images.append(np.asarray(out.images, np.float32))
   return {'tokens': [np.concatenate(t) for t in tokens], 'logits': [np.concatenate(x) for x in logits],
-          'images': np.concatenate(images), 'state': out.cache}
+          'images': np.concatenate(images), 'state': outs[-1].cache}
+
+
+def generate(model: Any, labels: Sequence[int], seeds: Sequence[int], gen: dict[str, Any],
+             policy: Any = None, program: Any = None) -> dict[str, Any]:
+  """`collect(dispatch(...))`: the generation of `labels` once per seed, on the host."""
+  return collect(dispatch(model, labels, seeds, gen, policy, program), gen)
 
 
 def compare(ref: dict[str, Any], got: dict[str, Any], level: float) -> dict[str, Any]:
   """Agreement, KL, PSNR and SSIM of `got` against the full-cache `ref` (same labels and seeds)."""
   agree = [float(np.mean(a == b)) for a, b in zip(ref['tokens'], got['tokens'])]
   sizes = np.array([a.shape[1] for a in ref['tokens']], np.float64)
-  kl = [float(kl_logits(a, b).mean()) for a, b in zip(ref['logits'], got['logits'])]
+  ref_logp = ref.get('logp') or [log_softmax(a) for a in ref['logits']]     # `full_reference` keeps them
+  kl = [float(kl_logprobs(a, log_softmax(b)).mean()) for a, b in zip(ref_logp, got['logits'])]
   p = np.minimum(psnr(ref['images'], got['images']), PSNR_CAP)
   s = ssim(ref['images'], got['images'])
   pm, pl, ph = bootstrap_mean_ci(p, level)      # inside [0, PSNR_CAP]
@@ -153,6 +165,7 @@ def full_reference(model: Any, labels: Sequence[int], seeds: Sequence[int], gen:
   `distribution_metrics` (the built-in model: 32 px images of its 12 classes) also the classifier
   features of its images and of as many real images (`real_images`)."""
   ref = generate(model, labels, seeds, gen, program=program)
+  ref['logp'] = [log_softmax(x) for x in ref['logits']]       # float64, once for every point's KL
   ref['bytes'] = tree_bytes(ref['state'])
   ref['hits'] = class_hits(ref['images'], labels, seeds)
   if distribution_metrics is True:                 # the built-in model: classifier features, real images
@@ -216,12 +229,17 @@ def noise_floor(model: Any, ref: dict[str, Any], labels: Sequence[int], seeds: S
 
 def evaluate_policy(model: Any, comp: Compressor, params: Any, setting: str, budget: Any,
                     ref: dict[str, Any], labels: Sequence[int], seeds: Sequence[int],
-                    gen: dict[str, Any], level: float, program: Any = None) -> tuple[dict[str, Any], np.ndarray]:
+                    gen: dict[str, Any], level: float, program: Any = None, outs: Any = None,
+                    started: float | None = None) -> tuple[dict[str, Any], np.ndarray]:
   """One closed_loop.csv row and the generated images (n, H, W, 3) of `comp` at its budget;
-  `program`: `compiled(model, CompressorPolicy(comp, params), len(labels), gen)`, made ahead."""
-  t0 = time.perf_counter()
+  `program`: `compiled(model, CompressorPolicy(comp, params), len(labels), gen)`, made ahead; `outs`:
+  its `dispatch`ed generation (started here when None) and `started` its time.perf_counter() (the
+  row's `seconds` run from there)."""
+  t0 = time.perf_counter() if started is None else started
   policy = CompressorPolicy(comp, params) if program is None else program.policy
-  got = generate(model, labels, seeds, gen, policy, program)
+  if outs is None:
+    outs = dispatch(model, labels, seeds, gen, policy, program)
+  got = collect(outs, gen)
   bits = np.asarray(policy.bits(got['state']))                      # (layers, 2B, H)
   cfg = model.var.cfg
   fp16 = comp.geometry.fp16_bits * cfg.depth * 2 * len(labels) * cfg.num_heads // 8

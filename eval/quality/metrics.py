@@ -58,11 +58,18 @@ def token_agreement(a_BL, b_BL) -> float:
   return float(np.mean(np.asarray(a_BL) == np.asarray(b_BL)))
 
 
+def log_softmax(logits) -> np.ndarray:
+  """float64 log-probabilities over the last axis."""
+  x = np.asarray(logits, np.float64)
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def kl_logprobs(lp, lq) -> np.ndarray:
+  """KL(p || q) in nats over the last axis of log-probabilities (leading axes kept)."""
+  return (np.exp(lp) * (lp - lq)).sum(-1)
+
+
 def kl_logits(p_logits, q_logits) -> np.ndarray:
   """KL(softmax(p) || softmax(q)) in nats over the last axis (leading axes kept)."""
-  p, q = np.asarray(p_logits, np.float64), np.asarray(q_logits, np.float64)
-  lp = p - p.max(-1, keepdims=True)
-  lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
-  lq = q - q.max(-1, keepdims=True)
-  lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
-  return (np.exp(lp) * (lp - lq)).sum(-1)
+  return kl_logprobs(log_softmax(p_logits), log_softmax(q_logits))
