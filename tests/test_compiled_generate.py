@@ -14,17 +14,8 @@ import var_jax
 from compress.core.budget import CacheGeometry
 from compress.core.policy import CompressorPolicy
 from compress.core.registry import make
-from var_jax import sampling, xla_cpu
+from var_jax import sampling
 from var_jax.compiled_generate import compile_decode, compile_generate, fast_early_scales
-
-
-@pytest.fixture(autouse=True, scope='module')
-def xla_defaults():
-  """XLA's default options for both sides (VAR_XLA_DEFAULTS=1): what is compared is the split into
-  programs, not XLA's fusion choices (tests/test_xla_cpu.py checks the generation options)."""
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setenv(xla_cpu.DEFAULTS_ENV, '1')
-    yield
 
 
 @pytest.fixture(scope='module')

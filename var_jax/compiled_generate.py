@@ -28,7 +28,6 @@ from flax import nnx
 
 from var_jax import sampling
 from var_jax.kvcache import CachePolicy, FullCache
-from var_jax.xla_cpu import generation_options
 
 Options = dict[str, Any] | None
 
@@ -73,14 +72,13 @@ class CompiledGenerate:
 
 
 def compile_decode(vqvae: nnx.Module, batch: int, options: Options = None) -> Callable:
-  """The VQ-VAE decode of `batch` f_hat maps, compiled: (vae_state, f_hat) -> images (batch, H, W, 3);
-  `options` over `var_jax.xla_cpu.generation_options`."""
+  """The VQ-VAE decode of `batch` f_hat maps, compiled: (vae_state, f_hat) -> images (batch, H, W, 3)."""
   vae_graph, vae_state = nnx.split(vqvae)
   cfg = vqvae.cfg
   pn = cfg.patch_nums[-1]
   f_hat = jax.ShapeDtypeStruct((batch, pn, pn, cfg.z_channels), jnp.float32)
   return sampling._decode.lower(vae_graph, vae_state, f_hat).compile(  # pylint: disable=protected-access
-      compiler_options=generation_options(options))
+      compiler_options=options)
 
 
 def compile_generate(var_model: Any, vqvae: nnx.Module, policy: CachePolicy | None, batch: int, *,
@@ -88,9 +86,9 @@ def compile_generate(var_model: Any, vqvae: nnx.Module, policy: CachePolicy | No
                      options_per_scale: Sequence[Options] | None = None, decode: Callable | None = None
                      ) -> CompiledGenerate:
   """Compiles (runs nothing) the start, every scale's step and the decode of generating `batch` images
-  with `policy` (None: FullCache). `options_per_scale`: XLA options of each scale's step (None:
-  `var_jax.xla_cpu.generation_options`, which every program gets beneath its own); `decode`: a
-  `compile_decode` of this batch size to reuse (else compiled here)."""
+  with `policy` (None: FullCache). `options_per_scale`: XLA options of each scale's step (None: XLA's
+  defaults everywhere); `decode`: a `compile_decode` of this batch size to reuse (else compiled here,
+  with XLA's defaults: it is compiled once and shared, so its run time counts)."""
   mcfg = var_model.cfg
   num_scales = len(mcfg.patch_nums)
   options = list(options_per_scale) if options_per_scale is not None else [None] * num_scales
@@ -102,8 +100,7 @@ def compile_generate(var_model: Any, vqvae: nnx.Module, policy: CachePolicy | No
   var_graph, var_state = nnx.split(var_model)
   vae_graph, vae_state = nnx.split(vqvae)
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
-  start = sampling._start.lower(var_graph, var_state, policy, labels).compile(  # pylint: disable=protected-access
-      compiler_options=generation_options())
+  start = sampling._start.lower(var_graph, var_state, policy, labels).compile()  # pylint: disable=protected-access
   cond, x, state, f_hat = start.out_info
   key = shapes_of(jax.random.key(0))
   t = jax.ShapeDtypeStruct((), jnp.float32)
@@ -112,8 +109,7 @@ def compile_generate(var_model: Any, vqvae: nnx.Module, policy: CachePolicy | No
   for scale in range(num_scales):
     step = sampling._scale_step.lower(  # pylint: disable=protected-access
         var_graph, var_state, vae_graph, vae_state, policy, scale, int(top_k), float(top_p), False,
-        bool(capture_logits), state, x, cond, f_hat, t, key, arrays).compile(
-        compiler_options=generation_options(options[scale]))
+        bool(capture_logits), state, x, cond, f_hat, t, key, arrays).compile(compiler_options=options[scale])
     _, f_hat, x, state, _, _ = step.out_info
     steps.append(step)
   if decode is None:
@@ -124,6 +120,6 @@ def compile_generate(var_model: Any, vqvae: nnx.Module, policy: CachePolicy | No
 
 
 def fast_early_scales(num_scales: int, fast: int, options: Options) -> list[Options]:
-  """Per-scale options: `options` for the first `fast` scales, the defaults (None) after."""
+  """Per-scale options: `options` for the first `fast` scales, XLA's defaults (None) after."""
   return [options if k < fast else None for k in range(num_scales)]
 

@@ -1,15 +1,19 @@
-"""XLA options of the generation programs compiled ahead of time: no YNNPACK library fusions on CPU.
+"""XLA options of the closed loop's generation programs: no YNNPACK library fusions on CPU.
 
 jaxlib 0.10's XLA CPU hands dots (with the layer norms, modulations and activations around them) and
-convolutions to YNNPACK fusions (`__ynn_fusion` in the compiled HLO). For generation at the built-in
-model's shapes XLA's own emitters and dot / convolution runtime are faster: one closed-loop generation
-of 240 images (`layered_generate.ModelPrograms`, full cache, 2-core CPU) took 5.9 s with YNN fusions
-and 4.1 s without (VQ-VAE decode 1.41 -> 0.62 s, the blocks up to attention 1.09 -> 0.63 s, after it
-1.97 -> 1.40 s; docs/benchmarks.md, "Generation programs without YNN fusions"). The frontier's sweep and
-training programs ran 8-12 % slower without them (the whole main job under XLA_FLAGS), so the option is
-per program: `ModelPrograms`, `compile_layered`, `compile_generate` and `compile_decode` compile with
-`generation_options()`; everything else keeps XLA's defaults. Outputs are the same computation fused
-differently: equal up to float rounding.
+convolutions to YNNPACK fusions (`__ynn_fusion` in the compiled HLO). Whether they pay depends on the
+shapes, so the option is per program, where it was measured:
+
+- the closed loop's programs (`layered_generate.ModelPrograms`, its VQ-VAE decode, `compile_layered`:
+  the built-in model, 240 images = 480 sequences with CFG) compile without them: one generation took
+  5.96 / 6.05 s with them and 4.27 / 4.42 s without (docs/benchmarks.md, "Generation programs without
+  YNN fusions");
+- everything else keeps XLA's defaults: the frontier's sweep and training ran 8-12 % slower without
+  them (the whole main job under XLA_FLAGS), and so did d16 sampling at batch 1 (`compile_generate`,
+  random weights: 3.47 s against 3.12 s an image).
+
+Outputs are the same computation fused differently: equal up to float rounding (tests/test_xla_cpu.py).
+VAR_XLA_DEFAULTS=1 in the environment gives every program XLA's defaults.
 """
 from __future__ import annotations
 
