@@ -123,7 +123,8 @@ def closed_loop_stage(config, paths: Paths, model, geometry, params: Params, job
   """closed_loop.csv rows and {name: image grid} (full cache | method at each budget) of the closed-loop
   points `jobs` (`closed_jobs`); `share`: the sweep's amortised fit (the same compressors, and trained
   parameters, as its points). Each policy's programs are compiled on a background thread while the
-  previous policy generates. FID / KID and the noise-floor row only for the built-in model
+  previous policy generates, and a point's metrics are computed while the next point generates (a row's
+  `seconds` run from its dispatch to its row, so they overlap). FID / KID and the noise-floor row only for the built-in model
   (model.source 'default'): the shipped classifier whose features they use knows its domain (32 px,
   12 classes) only. Prints (and writes rank_correlation.csv) the rank correlation of the
   teacher-forced error with each image metric."""
