@@ -1,17 +1,19 @@
 """The generation programs' XLA options (var_jax/xla_cpu.py): no YNNPACK fusions on CPU.
 
-Checked: the option reaches every program of `ModelPrograms` and `compile_layered` (no `__ynn_fusion`
-in their compiled HLO, where XLA's defaults make some at these shapes), options given by the caller
-win, VAR_XLA_DEFAULTS=1 turns it off, and generation with it draws the same tokens and images (to
-float rounding) as with XLA's defaults. Fault caught (checked by breaking the code): a program of
-ModelPrograms compiled without the options.
+Checked: the option reaches every program of `ModelPrograms` and `compile_layered` and the sampler's
+VQ-VAE decode (no `__ynn_fusion` in their compiled HLO, where XLA's defaults make some at these
+shapes), options given by the caller win, VAR_XLA_DEFAULTS=1 turns it off, and generation with it draws
+the same tokens and images (to float rounding) as with XLA's defaults. Faults caught (checked by
+breaking the code): a program of ModelPrograms compiled without the options; the sampler's decode
+compiled with XLA's defaults.
 """
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 import var_jax
-from var_jax import xla_cpu
+from var_jax import sampling, xla_cpu
 from var_jax.layered_generate import ModelPrograms, compile_layered
 
 LABELS = [0, 3, 11, 5]
@@ -54,3 +56,15 @@ def test_generation_programs_compile_without_ynn_fusions_and_draw_the_same_image
   for a, b in zip(want.tokens, got.tokens):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   np.testing.assert_allclose(np.asarray(got.images), np.asarray(want.images), rtol=1e-5, atol=1e-5)
+
+
+def test_the_samplers_decode_compiles_without_ynn_fusions(model, monkeypatch):
+  monkeypatch.delenv(xla_cpu.DEFAULTS_ENV, raising=False)
+  vae_graph, vae_state = nnx.split(model.vae)
+  f_hat = jax.random.normal(jax.random.key(1), (len(LABELS), 8, 8, model.vae.cfg.z_channels))
+  got = sampling.decode_images(vae_graph, vae_state, f_hat)
+  progs = [p for k, p in sampling._DECODES.items() if k[0] == vae_graph and k[2] == f_hat.shape and k[-1]]
+  assert len(progs) == 1 and '__ynn_fusion' not in progs[0].as_text()
+  assert '__ynn_fusion' in sampling._decode.lower(vae_graph, vae_state, f_hat).compile().as_text()
+  want = sampling._decode(vae_graph, vae_state, f_hat)                # XLA's defaults
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

@@ -28,6 +28,7 @@ from flax import nnx
 
 from var_jax import sampling
 from var_jax.kvcache import CachePolicy, FullCache
+from var_jax.xla_cpu import generation_options
 
 Options = dict[str, Any] | None
 
@@ -72,13 +73,14 @@ class CompiledGenerate:
 
 
 def compile_decode(vqvae: nnx.Module, batch: int, options: Options = None) -> Callable:
-  """The VQ-VAE decode of `batch` f_hat maps, compiled: (vae_state, f_hat) -> images (batch, H, W, 3)."""
+  """The VQ-VAE decode of `batch` f_hat maps, compiled: (vae_state, f_hat) -> images (batch, H, W, 3);
+  `options` over `var_jax.xla_cpu.generation_options` (as `sampling.generate`'s decode)."""
   vae_graph, vae_state = nnx.split(vqvae)
   cfg = vqvae.cfg
   pn = cfg.patch_nums[-1]
   f_hat = jax.ShapeDtypeStruct((batch, pn, pn, cfg.z_channels), jnp.float32)
   return sampling._decode.lower(vae_graph, vae_state, f_hat).compile(  # pylint: disable=protected-access
-      compiler_options=options)
+      compiler_options=generation_options(options))
 
 
 def compile_generate(var_model: Any, vqvae: nnx.Module, policy: CachePolicy | None, batch: int, *,
@@ -88,7 +90,7 @@ def compile_generate(var_model: Any, vqvae: nnx.Module, policy: CachePolicy | No
   """Compiles (runs nothing) the start, every scale's step and the decode of generating `batch` images
   with `policy` (None: FullCache). `options_per_scale`: XLA options of each scale's step (None: XLA's
   defaults everywhere); `decode`: a `compile_decode` of this batch size to reuse (else compiled here,
-  with XLA's defaults: it is compiled once and shared, so its run time counts)."""
+  as `sampling.generate`'s)."""
   mcfg = var_model.cfg
   num_scales = len(mcfg.patch_nums)
   options = list(options_per_scale) if options_per_scale is not None else [None] * num_scales

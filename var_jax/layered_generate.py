@@ -135,7 +135,7 @@ class ModelPrograms:
       _, f_hat, x, _ = hd.out_info
     return cls(var_model=var_model, batch=batch, var_state=var_state, vae_state=vae_state,
                block_states=block_states, start=start, block_in=block_in, block_out=block_out, head=head,
-               decode=compile_decode(vqvae, batch, opts), qkv_shapes=qkv)
+               decode=compile_decode(vqvae, batch), qkv_shapes=qkv)
 
 
 @dataclasses.dataclass

@@ -26,6 +26,7 @@ from flax import nnx
 
 from var_jax.kvcache import CachePolicy, FullCache
 from var_jax.var import VAR
+from var_jax.xla_cpu import generation_options
 
 Array = jax.Array
 # a compressor's state changes shape between scales, so the step's donated state cannot always be
@@ -224,6 +225,20 @@ def _decode(vae_graph: nnx.GraphDef, vae_state: nnx.State, f_hat_BhwC: Array) ->
   return (nnx.merge(vae_graph, vae_state).fhat_to_img(f_hat_BhwC) + 1) * 0.5
 
 
+_DECODES: dict[Any, Any] = {}     # (graph, state shapes, f_hat shape) -> compiled decode
+
+
+def decode_images(vae_graph: nnx.GraphDef, vae_state: nnx.State, f_hat_BhwC: Array) -> Array:
+  """`_decode` compiled with `var_jax.xla_cpu.generation_options` (no YNN fusions on CPU: the decode's
+  convolutions ran faster without them at every size measured), once per model and shape."""
+  options = generation_options()
+  key = (vae_graph, tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(vae_state)),
+         tuple(f_hat_BhwC.shape), str(f_hat_BhwC.dtype), tuple(sorted((options or {}).items())))
+  if key not in _DECODES:
+    _DECODES[key] = _decode.lower(vae_graph, vae_state, f_hat_BhwC).compile(compiler_options=options)
+  return _DECODES[key](vae_state, f_hat_BhwC)
+
+
 # ------------------------------------------------------------------------------ public API
 def _checked_labels(labels_B: Any, num_classes: int) -> Array:
   labels_np = np.asarray(labels_B).reshape(-1)
@@ -296,6 +311,6 @@ def generate(var_model: VAR, vqvae: nnx.Module, labels_B: Any, *, key: Array, cf
     tokens.append(idx_Bl)
     qkvs.append(qkv)
     logits.append(lg)
-  images = _decode(vae_graph, vae_state, f_hat)
+  images = decode_images(vae_graph, vae_state, f_hat)
   return GenerateOutput(tokens=tokens, images=images, cache=state,
                         qkv=qkvs if capture_qkv else None, logits=logits if capture_logits else None)

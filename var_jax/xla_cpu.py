@@ -1,16 +1,16 @@
-"""XLA options of the closed loop's generation programs: no YNNPACK library fusions on CPU.
+"""XLA options of the generation programs that run faster without YNNPACK library fusions on CPU.
 
 jaxlib 0.10's XLA CPU hands dots (with the layer norms, modulations and activations around them) and
 convolutions to YNNPACK fusions (`__ynn_fusion` in the compiled HLO). Whether they pay depends on the
-shapes, so the option is per program, where it was measured:
+shapes, so the option is per program, where it was measured (docs/benchmarks.md, "Generation programs
+without YNN fusions"; 2-core CPU):
 
-- the closed loop's programs (`layered_generate.ModelPrograms`, its VQ-VAE decode, `compile_layered`:
-  the built-in model, 240 images = 480 sequences with CFG) compile without them: one generation took
-  5.96 / 6.05 s with them and 4.27 / 4.42 s without (docs/benchmarks.md, "Generation programs without
-  YNN fusions");
+- the VQ-VAE decode, everywhere (`sampling.generate`, `compiled_generate.compile_decode`): 32 px at
+  batch 240 1.41 -> 0.62 s; 256 px (d16) 1.37 -> 1.19 s at batch 1, 3.57 -> 2.47 s at batch 2;
+- the closed loop's programs (`layered_generate.ModelPrograms`, `compile_layered`: the built-in model,
+  480 sequences with CFG): one 240-image generation 5.96 / 6.05 s with them, 4.27 / 4.42 s without;
 - everything else keeps XLA's defaults: the frontier's sweep and training ran 8-12 % slower without
-  them (the whole main job under XLA_FLAGS), and so did d16 sampling at batch 1 (`compile_generate`,
-  random weights: 3.47 s against 3.12 s an image).
+  them (the whole main job under XLA_FLAGS), and so did d16 sampling's scale steps at batch 1.
 
 Outputs are the same computation fused differently: equal up to float rounding (tests/test_xla_cpu.py).
 VAR_XLA_DEFAULTS=1 in the environment gives every program XLA's defaults.
