@@ -27,19 +27,24 @@ NO_YNN = {'xla_cpu_experimental_ynn_fusion_type': ''}   # an empty list: no YNN 
 DEFAULTS_ENV = 'VAR_XLA_DEFAULTS'                         # =1: XLA's defaults for generation too
 
 
-@functools.lru_cache(maxsize=None)
-def _accepted() -> tuple[tuple[str, Any], ...]:
-  """The `NO_YNN` options this jaxlib accepts on the default backend (none off CPU)."""
+def cpu_accepted(options: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+  """The (name, value) pairs of `options` that this jaxlib accepts on the default backend, each tried
+  on a one-op program (none off CPU: they are XLA CPU options)."""
   if jax.default_backend() != 'cpu':
     return ()
   known = []
-  for name, value in NO_YNN.items():
+  for name, value in options.items():
     try:
       jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(1.0).compile()
       known.append((name, value))
     except Exception:  # noqa: BLE001  (an option this XLA does not have: compile without it)
       pass
   return tuple(known)
+
+
+@functools.lru_cache(maxsize=None)
+def _accepted() -> tuple[tuple[str, Any], ...]:
+  return cpu_accepted(NO_YNN)
 
 
 def generation_options(options: dict[str, Any] | None = None) -> dict[str, Any] | None:

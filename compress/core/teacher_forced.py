@@ -22,6 +22,7 @@ import numpy as np
 
 from compress.core.attention import block_causal_attention
 from compress.core.interface import Compressor, StepContext
+from var_jax.xla_cpu import cpu_accepted
 
 # XLA CPU options that trade generated-code speed for compile speed (same HLO, same outputs up to
 # float rounding; what jax_disable_most_optimizations sets for the backend); options a jaxlib does not
@@ -35,16 +36,7 @@ _FAST_CPU = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_pa
 @functools.lru_cache(maxsize=None)
 def fast_compile_options() -> tuple[tuple[str, Any], ...] | None:
   """The `_FAST_CPU` options this jaxlib accepts on the default backend (None off CPU)."""
-  if jax.default_backend() != 'cpu':
-    return None
-  known = []
-  for name, value in _FAST_CPU.items():
-    try:
-      jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(1.0).compile()
-      known.append((name, value))
-    except Exception:  # noqa: BLE001  (an option this XLA does not have: compile without it)
-      pass
-  return tuple(known) or None
+  return cpu_accepted(_FAST_CPU) or None
 
 
 def _layer_schedule(comp: Compressor, p: Any, q_BHLD, k_BHLD, v_BHLD):
