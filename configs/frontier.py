@@ -14,7 +14,7 @@ Variants:
   default  the built-in default model: the best-known heuristics of every family (+ oracle, full cache)
            at 5 budgets from 3.125 to 50 % of the fp16 cache on 64 held-out sequences, the learned
            eviction and merging compressors (trained on demand, 300 steps, once: their scorers serve
-           every budget), rank bounds, closed loop (QUALITY_METHODS: the best of every family, composed
+           every budget), rank bounds, closed loop (CLOSED_LOOP_METHODS: the best of every family, composed
            and composed_learned, at 5, 10 and 25 %) on 240 images (20 per class) with FID / KID against
            the full cache and real images, and the noise floor.
   hard     no model: every non-learned compressor on the flat and the VAR-schedule hard instance
@@ -49,8 +49,7 @@ LEARNED = ('merge_learned', 'composed_learned')
 # composed_learned is trained at 3.125 to 10 % only), 240 images each; ~3.5 min of the main job on 2
 # cores (a point: its policy's attention steps compiled while the previous point generates, ~4 s of
 # generation with the model's shared programs, ~2 s of metrics; docs/frontier.md, "Cost")
-QUALITY_METHODS = ('composed_learned', 'composed', 'merge_learned', 'kivi', 'pca', 'scalekv', 'attn_matching')
-CLOSED_LOOP_METHODS = QUALITY_METHODS
+CLOSED_LOOP_METHODS = ('composed_learned', 'composed', 'merge_learned', 'kivi', 'pca', 'scalekv', 'attn_matching')
 CLOSED_LOOP_BUDGETS = ('5%', '10%', '25%')
 # each heuristic family's free setting, chosen per budget on the dev split (tuning.grids): kivi's bit
 # width (the quantiser's rate), pca's split of coefficient dims between keys and values, cam's merge

@@ -28,7 +28,6 @@ from flax import nnx
 
 from var_jax import sampling
 from var_jax.kvcache import CachePolicy, FullCache
-from var_jax.xla_cpu import generation_options
 
 Options = dict[str, Any] | None
 
@@ -74,13 +73,12 @@ class CompiledGenerate:
 
 def compile_decode(vqvae: nnx.Module, batch: int, options: Options = None) -> Callable:
   """The VQ-VAE decode of `batch` f_hat maps, compiled: (vae_state, f_hat) -> images (batch, H, W, 3);
-  `options` over `var_jax.xla_cpu.generation_options` (as `sampling.generate`'s decode)."""
+  `sampling.compiled_decode` (the sampler's own, `options` over `var_jax.xla_cpu.generation_options`)."""
   vae_graph, vae_state = nnx.split(vqvae)
   cfg = vqvae.cfg
   pn = cfg.patch_nums[-1]
   f_hat = jax.ShapeDtypeStruct((batch, pn, pn, cfg.z_channels), jnp.float32)
-  return sampling._decode.lower(vae_graph, vae_state, f_hat).compile(  # pylint: disable=protected-access
-      compiler_options=generation_options(options))
+  return sampling.compiled_decode(vae_graph, vae_state, f_hat, options)
 
 
 def compile_generate(var_model: Any, vqvae: nnx.Module, policy: CachePolicy | None, batch: int, *,

@@ -225,18 +225,26 @@ def _decode(vae_graph: nnx.GraphDef, vae_state: nnx.State, f_hat_BhwC: Array) ->
   return (nnx.merge(vae_graph, vae_state).fhat_to_img(f_hat_BhwC) + 1) * 0.5
 
 
-_DECODES: dict[Any, Any] = {}     # (graph, state shapes, f_hat shape) -> compiled decode
+_DECODES: dict[Any, Any] = {}     # (graph, state shapes, f_hat shape, options) -> compiled decode
 
 
-def decode_images(vae_graph: nnx.GraphDef, vae_state: nnx.State, f_hat_BhwC: Array) -> Array:
-  """`_decode` compiled with `var_jax.xla_cpu.generation_options` (no YNN fusions on CPU: the decode's
-  convolutions ran faster without them at every size measured), once per model and shape."""
-  options = generation_options()
+def compiled_decode(vae_graph: nnx.GraphDef, vae_state: nnx.State, f_hat_BhwC: Any,
+                    options: dict[str, Any] | None = None) -> Any:
+  """`_decode` compiled for `f_hat_BhwC`'s shape (an array or a jax.ShapeDtypeStruct) with `options`
+  over `var_jax.xla_cpu.generation_options` (no YNN fusions on CPU: the decode's convolutions ran
+  faster without them at every size measured); once per model, shape and options, then reused:
+  (vae_state, f_hat) -> images."""
+  options = generation_options(options)
   key = (vae_graph, tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(vae_state)),
          tuple(f_hat_BhwC.shape), str(f_hat_BhwC.dtype), tuple(sorted((options or {}).items())))
   if key not in _DECODES:
     _DECODES[key] = _decode.lower(vae_graph, vae_state, f_hat_BhwC).compile(compiler_options=options)
-  return _DECODES[key](vae_state, f_hat_BhwC)
+  return _DECODES[key]
+
+
+def decode_images(vae_graph: nnx.GraphDef, vae_state: nnx.State, f_hat_BhwC: Array) -> Array:
+  """(B, H, W, 3) in [0, 1]: the f_hat maps through `compiled_decode`."""
+  return compiled_decode(vae_graph, vae_state, f_hat_BhwC)(vae_state, f_hat_BhwC)
 
 
 # ------------------------------------------------------------------------------ public API

@@ -52,7 +52,8 @@ NOISE_SEED_OFFSET = 1_000_000      # the noise floor's second full-cache draw: s
 
 def model_programs(model: Any, batch: int, gen: dict[str, Any]) -> Any:
   """The model's generation programs for `batch` images with logits (`var_jax.layered_generate.
-  ModelPrograms`, XLA's defaults): compiled once, shared by every policy of the closed loop."""
+  ModelPrograms`, without YNN fusions: var_jax/xla_cpu.py): compiled once, shared by every policy of
+  the closed loop."""
   from var_jax.layered_generate import ModelPrograms  # pylint: disable=g-import-not-at-top
   return ModelPrograms.compile(model.var, model.vae, batch, top_k=gen['top_k'], top_p=gen['top_p'],
                                capture_logits=True)
