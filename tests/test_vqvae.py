@@ -16,6 +16,7 @@ from var_jax.config import VQVAEConfig
 from var_jax.interp import area_matrix, bicubic_matrix, resize_area, resize_bicubic
 from var_jax.quant import VectorQuantizer, phi_index
 from var_jax.torch_pickle import load_torch_state_dict
+from var_jax.vae_blocks import Upsample2x, upsample_conv3x3
 from var_jax.vqvae import VQVAE, infer_vqvae_config, load_vqvae_state_dict, vqvae_to_torch_state_dict
 
 DATA = pathlib.Path(__file__).parent / 'data' / 'var_official_tiny'
@@ -103,6 +104,25 @@ def test_next_autoregressive_input_replays_official_teacher_forcing(official, re
   np.testing.assert_allclose(var_input, ref['out/var_input'], rtol=1e-5, atol=1e-6)
   want = nnx.jit(lambda m, i: m.quantize.idx_to_fhat(i))(official, ref_idx(ref))
   np.testing.assert_allclose(np.asarray(f_hat), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('shape', [(2, 5, 7, 8), (1, 1, 1, 4), (1, 4, 4, 16)])
+def test_upsample_conv_equals_upsampling_then_convolving(shape):
+  """The phase form (four low-resolution 2x2 convs) against its definition: nearest x2, then a SAME 3x3
+  conv (lax), with a bias; odd and one-pixel maps included (the edges read zero padding)."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((3, 3, shape[-1], 6)), jnp.float32)
+  b = jnp.asarray(rng.standard_normal(6), jnp.float32)
+  up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  want = jax.lax.conv_general_dilated(up, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + b
+  got = upsample_conv3x3(x, k, b)
+  assert got.shape == (shape[0], 2 * shape[1], 2 * shape[2], 6)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  layer = Upsample2x(shape[-1], rngs=nnx.Rngs(0))
+  fast = layer(x)
+  layer.direct = True
+  np.testing.assert_allclose(np.asarray(fast), np.asarray(layer(x)), rtol=1e-5, atol=1e-5)
 
 
 def test_phi_choice_follows_official_ticks():

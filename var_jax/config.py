@@ -85,6 +85,8 @@ SIZES: dict[str, VARConfig] = {
     'd24': official_var(24),
     'd30': official_var(30),
     'd36-s': official_var(36, PATCH_NUMS_512),
+    # the official recipe at depth 8 (no released checkpoint): the benchmarks' small official-layout model
+    'd8': official_var(8),
     # small variants (head_dim 64 like the official ones), for tests and CPU work
     'd2-tiny': official_var(2, (1, 2, 3, 4), num_classes=10, vocab_size=64, z_channels=8),
     'd4-small': official_var(4, (1, 2, 3, 4, 5, 6, 8), num_classes=10, vocab_size=512, z_channels=16),

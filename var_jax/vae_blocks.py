@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 __all__ = ['AttnBlock', 'Decoder', 'Downsample2x', 'Encoder', 'Level', 'MidBlock', 'ResnetBlock', 'Upsample2x', 'conv',
-           'group_norm', 'uniform_init']
+           'group_norm', 'uniform_init', 'upsample_conv3x3']
 
 GN_GROUPS = 32
 GN_EPS = 1e-6
@@ -43,14 +43,50 @@ def group_norm(channels: int, *, rngs: nnx.Rngs) -> nnx.GroupNorm:
   return nnx.GroupNorm(channels, num_groups=GN_GROUPS, epsilon=GN_EPS, use_fast_variance=False, rngs=rngs)
 
 
-class Upsample2x(nnx.Module):
-  """Nearest-neighbour x2 then conv3x3."""
+def _phase_taps(k_3xx: jax.Array, phase: int) -> jax.Array:
+  """The 2 taps (along axis 0) a 3-tap kernel axis becomes on a nearest-x2-upsampled input, for output
+  rows of parity `phase`: even rows read input rows (i-1, i) with taps (k0, k1 + k2), odd rows read (i,
+  i+1) with (k0 + k1, k2)."""
+  if phase == 0:
+    return jnp.stack([k_3xx[0], k_3xx[1] + k_3xx[2]])
+  return jnp.stack([k_3xx[0] + k_3xx[1], k_3xx[2]])
 
-  def __init__(self, channels: int, *, rngs: nnx.Rngs):
+
+def upsample_conv3x3(x_BhwC: jax.Array, kernel_33IO: jax.Array, bias_O: jax.Array) -> jax.Array:
+  """conv3x3(SAME)(nearest_x2(x)) + bias, (B, 2h, 2w, O), without forming the upsampled map.
+
+  Each output pixel of parity (p, q) sees a 2 x 2 window of x, so the conv is four 2 x 2 convs at the
+  low resolution, one per parity, whose taps are sums of the 3 x 3 kernel's (`_phase_taps`); their
+  outputs interleave. 16 multiply-adds per output pixel and channel pair instead of 36 (2.25x fewer
+  FLOPs); the same sums as the official conv but for the taps added before multiplying (fp32 rounding).
+  """
+  B, h, w, _ = x_BhwC.shape
+  pads = ((1, 0), (0, 1))                    # parity 0 reads rows (i-1, i), parity 1 reads (i, i+1)
+  rows = []
+  for p in range(2):
+    k_p = _phase_taps(kernel_33IO, p)                              # (2, 3, I, O)
+    cols = []
+    for q in range(2):
+      k_pq = jnp.swapaxes(_phase_taps(jnp.swapaxes(k_p, 0, 1), q), 0, 1)   # (2, 2, I, O)
+      cols.append(jax.lax.conv_general_dilated(x_BhwC, k_pq, (1, 1), (pads[p], pads[q]),
+                                               dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+    rows.append(jnp.stack(cols, axis=3))                           # (B, h, w, 2 [q], O)
+  y_BhpwqO = jnp.stack(rows, axis=2)                               # (B, h, 2 [p], w, 2 [q], O)
+  return y_BhpwqO.reshape(B, 2 * h, 2 * w, -1) + bias_O
+
+
+class Upsample2x(nnx.Module):
+  """Nearest-neighbour x2 then conv3x3 (official `Upsample2x`), as four low-resolution 2 x 2 convs
+  (`upsample_conv3x3`); `direct=True` upsamples then convolves, as the official code."""
+
+  def __init__(self, channels: int, *, rngs: nnx.Rngs, direct: bool = False):
     self.conv = conv(channels, channels, 3, rngs=rngs)
+    self.direct = direct
 
   def __call__(self, x_BHWC: jax.Array) -> jax.Array:
-    return self.conv(jnp.repeat(jnp.repeat(x_BHWC, 2, axis=1), 2, axis=2))
+    if self.direct:
+      return self.conv(jnp.repeat(jnp.repeat(x_BHWC, 2, axis=1), 2, axis=2))
+    return upsample_conv3x3(x_BHWC, self.conv.kernel[...], self.conv.bias[...])
 
 
 class Downsample2x(nnx.Module):

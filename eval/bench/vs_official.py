@@ -46,6 +46,7 @@ def official_models(repo: str, depth: int, workdir: str):
   from models import build_vae_var  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   vae, var = build_vae_var(device='cpu', depth=depth, flash_if_available=False, fused_if_available=False)
+  init_vae_convs(vae)
   vae.eval()
   var.eval()
   os.makedirs(workdir, exist_ok=True)
@@ -53,6 +54,27 @@ def official_models(repo: str, depth: int, workdir: str):
   torch.save(vae.state_dict(), paths['vae'])
   torch.save(var.state_dict(), paths['var'])
   return vae, var, paths
+
+
+def init_vae_convs(vae) -> int:
+  """Gives the VQ-VAE's convolutions torch's default initialisation, seeded; returns how many.
+
+  `build_vae_var` switches torch's built-in initialisation off for speed (it expects a checkpoint) and
+  `init_weights` re-initialises the VAR only, so the VQ-VAE's convolution weights and biases are whatever
+  memory `torch.empty` returned: on this machine some were NaN (73 values at d8, seed 0), which made the
+  official sampler fail (`probability tensor contains either inf, nan`) and left both sides timing
+  arithmetic on garbage (denormals included). `_ConvNd.reset_parameters` is torch's own default, which the
+  official patch shadows on `nn.Conv2d` only.
+  """
+  import torch  # pylint: disable=g-import-not-at-top  (optional dependency of this script only)
+  convs = [m for m in vae.modules() if isinstance(m, torch.nn.Conv2d)]
+  torch.manual_seed(1)
+  for m in convs:
+    torch.nn.modules.conv._ConvNd.reset_parameters(m)  # pylint: disable=protected-access
+  bad = [n for n, p in vae.named_parameters() if not bool(torch.isfinite(p).all())]
+  if bad:
+    raise RuntimeError(f'the official VQ-VAE still holds non-finite parameters after initialisation: {bad}')
+  return len(convs)
 
 
 def timed(fn, runs: int) -> tuple[float, list[float]]:
