@@ -179,3 +179,13 @@ def test_wrong_scale_shape_is_a_clear_error():
   x = jnp.zeros((1, 1, 3, 8))
   with pytest.raises(ValueError, match='scale 1 has 4 tokens'):
     c.step(None, s, x, x, x, 1)
+
+
+def test_first_max_index_is_argmax_with_ties_and_inf_rows():
+  """`first_max_index` against numpy's argmax (first maximum) on rows full of ties and all -inf rows."""
+  from compress.core.topk import first_max_index
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 3, (50, 7)).astype(np.float32)       # many tied maxima per row
+  x[::7] = -np.inf                                          # rows where every entry is -inf
+  x[3, 5] = np.inf
+  np.testing.assert_array_equal(np.asarray(first_max_index(jnp.asarray(x))), np.argmax(x, axis=1))

@@ -33,7 +33,7 @@ from compress.composed import allocation, schedule
 from compress.composed.compander import dequantize, quantize
 from compress.composed.bitstream import pack_stream, unpack_stream
 from compress.core.accounting import COUNT_DTYPE
-from compress.core.attention import attend
+from compress.core.attention import attend, attend_output
 from compress.core.interface import Compressor
 from compress.core.registry import register
 from compress.core.slots import empty_slots, Slots
@@ -365,6 +365,8 @@ class TransformCodeBase(Compressor):
     self._check_params(params)
     plan = self.stages()
     view = self._view(params, state, plan[scale - 1] if scale > 0 else None)
+    if self.is_last(scale) and view is not None:        # no probabilities needed: one softmax
+      return attend_output(q_BHSD, *self.held_entries(view), k_BHSD, v_BHSD), state
     out, p_cache, p_new = self.attend_view(view, q_BHSD, k_BHSD, v_BHSD)
     if self.is_last(scale):
       return out, state

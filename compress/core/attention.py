@@ -38,6 +38,22 @@ def attend(q_BHSD: jax.Array, ck_BHMD: jax.Array, cv_BHMD: jax.Array, cvalid_BHM
   return out, pc_BHSM, pn_BHSS
 
 
+def attend_output(q_BHSD: jax.Array, ck_BHMD: jax.Array, cv_BHMD: jax.Array, cvalid_BHM: jax.Array,
+                  cbias_BHM: jax.Array | None, k_BHSD: jax.Array, v_BHSD: jax.Array) -> jax.Array:
+  """`attend`'s output alone (B, H, S, D) float32, for a step that needs no probabilities (a
+  compressor's last scale): the cached entries and the new tokens as one key set under one softmax.
+  The same attention to float rounding; at d16's last scale (256 queries over 105-424 entries plus 256
+  new tokens) 20-25 % faster than `attend`'s two-part softmax, whose probabilities XLA then drops."""
+  f32 = jnp.float32
+  B, H, S, _ = k_BHSD.shape
+  keys_BHND = jnp.concatenate([ck_BHMD.astype(f32), k_BHSD.astype(f32)], axis=2)
+  values_BHND = jnp.concatenate([cv_BHMD.astype(f32), v_BHSD.astype(f32)], axis=2)
+  bias_BHM = jnp.zeros(cvalid_BHM.shape, f32) if cbias_BHM is None else cbias_BHM.astype(f32)
+  bias_BHN = jnp.concatenate([jnp.where(cvalid_BHM, bias_BHM, NEG_INF), jnp.zeros((B, H, S), f32)], -1)
+  logits_BHSN = jnp.einsum('bhsd,bhnd->bhsn', q_BHSD.astype(f32), keys_BHND) + bias_BHN[:, :, None, :]
+  return jnp.einsum('bhsn,bhnd->bhsd', jax.nn.softmax(logits_BHSN, axis=-1), values_BHND)
+
+
 def block_causal_attention(q_BHLD: jax.Array, k_BHLD: jax.Array, v_BHLD: jax.Array,
                            patch_nums: tuple[int, ...]) -> jax.Array:
   """Exact VAR attention over the whole pyramid: token i sees every token of its own and earlier scales.

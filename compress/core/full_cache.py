@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from compress.core.attention import attend
+from compress.core.attention import attend_output
 from compress.core.budget import CacheGeometry
 from compress.core.slots import empty_slots, Slots
 
@@ -18,7 +18,7 @@ def full_slots(geometry: CacheGeometry, batch: int, num_heads: int) -> Slots:
 
 def full_step(geometry: CacheGeometry, state: Slots, q_BHSD, k_BHSD, v_BHSD, scale: int):
   """Exact attention over everything kept plus the new scale, then append the scale (if not last)."""
-  out, _, _ = attend(q_BHSD, state.k, state.v, state.valid, None, k_BHSD, v_BHSD)
+  out = attend_output(q_BHSD, state.k, state.v, state.valid, None, k_BHSD, v_BHSD)
   if scale == len(geometry.patch_nums) - 1:
     return out, state
   start, S = geometry.scale_starts[scale], geometry.scale_sizes[scale]

@@ -12,7 +12,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from compress.core.attention import attend
+from compress.core.attention import attend, attend_output
 from compress.core.interface import Compressor, StepContext
 from compress.core.slots import empty_slots, Slots
 
@@ -74,9 +74,9 @@ class SlotCompressor(Compressor):
   def compress_step(self, params, state: Slots, q_BHSD, k_BHSD, v_BHSD, scale: int,
                     ctx: StepContext):
     ck, cv = self.decode(state)
-    out, p_cache, p_new = attend(q_BHSD, ck, cv, state.valid, self.bias(state), k_BHSD, v_BHSD)
     if self.is_last(scale):
-      return out, state
+      return attend_output(q_BHSD, ck, cv, state.valid, self.bias(state), k_BHSD, v_BHSD), state
+    out, p_cache, p_new = attend(q_BHSD, ck, cv, state.valid, self.bias(state), k_BHSD, v_BHSD)
     cand = make_candidates(self.geometry, state, ck, cv, k_BHSD, v_BHSD, p_cache, p_new, scale)
     return out, self.select(params, state, cand, scale, ctx)
 

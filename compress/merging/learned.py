@@ -45,13 +45,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compress.core.attention import attend
+from compress.core.attention import attend, attend_output
 from compress.core.interface import check_param_shapes
 from compress.core.registry import register
 from compress.core.relax import NEG_BIG, pyramid_attention, soft_topk_log_mask, straight_through_cast
 from compress.core.slot_compressor import SlotCompressor
 from compress.core.slots import gather_entries, pack
-from compress.core.topk import topk_indices, topk_mask
+from compress.core.topk import first_max_index, topk_indices, topk_mask
 
 FEATURES = ('log_colsum', 'log_vnorm', 'log_knorm', 'logmass', 'is_new')
 PARAMS = {'score': (len(FEATURES),), 'value_sim': (), 'threshold': (), 'weight_pow': (), 'calib': ()}
@@ -91,7 +91,7 @@ def hard_members(params, sim_BHCA, anchor_BHN, valid_BHN) -> jax.Array:
   N = anchor_BHN.shape[-1]
   s = jnp.where(anchor_BHN[:, :, None, :], sim_BHCA, -jnp.inf)
   merged_BHN = valid_BHN & ~anchor_BHN & (s.max(-1) >= params['threshold'][None, :, None])
-  target_BHN = jnp.argmax(s, -1)
+  target_BHN = first_max_index(s)
   eye = jnp.eye(N, dtype=bool)[None, None]
   joins = merged_BHN[:, :, None, :] & (target_BHN[:, :, None, :] == jnp.arange(N)[:, None])
   return ((eye & anchor_BHN[:, :, :, None]) | joins).astype(jnp.float32)
@@ -206,9 +206,9 @@ class LearnedMerge(SlotCompressor):
   def compress_step(self, params, state, q_BHSD, k_BHSD, v_BHSD, scale: int, ctx):
     bias = self.bias(state)
     ck, cv = state.k.astype(jnp.float32), state.v.astype(jnp.float32)
-    out, p_cache, p_new = attend(q_BHSD, ck, cv, state.valid, bias, k_BHSD, v_BHSD)
     if self.is_last(scale) or state.capacity == 0:
-      return out, state
+      return attend_output(q_BHSD, ck, cv, state.valid, bias, k_BHSD, v_BHSD), state
+    out, p_cache, p_new = attend(q_BHSD, ck, cv, state.valid, bias, k_BHSD, v_BHSD)
     self._check_params(params)
     m, S = state.capacity, k_BHSD.shape[2]
     cat = lambda a, b: jnp.concatenate([a, b], axis=2)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from compress.core.registry import register
 from compress.core.slot_compressor import Candidates
 from compress.core.slots import pack
+from compress.core.topk import first_max_index
 from compress.merging.base import group_sum, merge_into, MergingCompressor, packed_order, unit_rows
 
 
@@ -26,7 +27,7 @@ def tome_round(k_ND, v_ND, size_N, valid_N, r):
   is_b = valid_N & (rank_N % 2 == 1)
   kn_ND = unit_rows(k_ND)
   sim_NN = jnp.where(is_b[None, :], kn_ND @ kn_ND.T, -jnp.inf)
-  best_N = jnp.argmax(sim_NN, axis=1)
+  best_N = first_max_index(sim_NN)
   edge_N = jnp.where(is_a, sim_NN.max(axis=1), -jnp.inf)
   r_now = jnp.minimum(r, is_a.sum())
   place_N = jnp.argsort(jnp.argsort(-edge_N, stable=True))   # rank of each edge, best first

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compress.core.accounting import COUNT_DTYPE, dtype_bits
-from compress.core.attention import attend
+from compress.core.attention import attend, attend_output
 from compress.core.interface import Compressor
 from compress.core.registry import register
 from compress.core.slots import empty_slots, gather_entries, Slots
@@ -194,12 +194,12 @@ class QuantCache(Compressor):
       # decode and attend over those only (the empty slots past them would get zero probability) and
       # code only what the new scale changes
       ck, cv = self.decode(state, start)
-      out, _, _ = attend(q_BHSD, ck, cv, state.valid[:, :, :start], None, k_BHSD, v_BHSD)
+      out = attend_output(q_BHSD, ck, cv, state.valid[:, :, :start], None, k_BHSD, v_BHSD)
       return out, (state if self.is_last(scale) else self._append(state, ck, cv, k_BHSD, v_BHSD, start))
     ck, cv = self.decode(state)
-    out, p_cache, p_new = attend(q_BHSD, ck, cv, state.valid, None, k_BHSD, v_BHSD)
     if self.is_last(scale) or M == 0:
-      return out, state
+      return attend_output(q_BHSD, ck, cv, state.valid, None, k_BHSD, v_BHSD), state
+    out, p_cache, p_new = attend(q_BHSD, ck, cv, state.valid, None, k_BHSD, v_BHSD)
     take_new, src, valid, score = plan_slots(self.evict, self.geometry, state, p_cache, p_new, scale)
     k, ex_k, hd_k = self._store_one(state, 'k', ck, k_BHSD, take_new, src, valid)
     v, ex_v, hd_v = self._store_one(state, 'v', cv, v_BHSD, take_new, src, valid)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from compress.core.accounting import COUNT_DTYPE, dtype_bits
-from compress.core.attention import attend
+from compress.core.attention import attend_output
 from compress.core.registry import register
 from compress.core.slot_compressor import SlotCompressor
 from compress.core.slots import empty_slots, gather_entries
@@ -90,7 +90,7 @@ class WindowSum(SlotCompressor):
       sk, sv, svalid, sbias = self.summary_entry(state)
       cat = lambda a, b: jnp.concatenate([a, b], axis=2)
       ck, cv, cvalid, cbias = cat(ck, sk), cat(cv, sv), cat(cvalid, svalid), cat(cbias, sbias)
-    out, _, _ = attend(q_BHSD, ck, cv, cvalid, cbias, k_BHSD, v_BHSD)
+    out = attend_output(q_BHSD, ck, cv, cvalid, cbias, k_BHSD, v_BHSD)
     if self.is_last(scale):
       return out, state
     return out, self.absorb(state, k_BHSD, v_BHSD)

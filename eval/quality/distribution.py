@@ -88,9 +88,11 @@ def _fid(a_xND: np.ndarray, b_xMD: np.ndarray) -> np.ndarray:
 
 
 def fid(a_ND, b_MD) -> float:
-  """Frechet distance between the Gaussian fits of two feature sets (N, D) and (M, D), N, M >= 2."""
+  """Frechet distance between the Gaussian fits of two feature sets (N, D) and (M, D), N, M >= 2; a
+  squared distance, so a value below 0 (rounding, ~1e-16 for two sets that agree to float rounding) is
+  reported as 0, as the interval's low end is."""
   a, b = _check(a_ND, b_MD, 2)
-  return float(_fid(a, b))
+  return max(float(_fid(a, b)), 0.0)
 
 
 def frechet_distance(mu_a_D, cov_a_DD, mu_b_D, cov_b_DD) -> float:
