@@ -189,3 +189,20 @@ def test_first_max_index_is_argmax_with_ties_and_inf_rows():
   x[::7] = -np.inf                                          # rows where every entry is -inf
   x[3, 5] = np.inf
   np.testing.assert_array_equal(np.asarray(first_max_index(jnp.asarray(x))), np.argmax(x, axis=1))
+
+
+@pytest.mark.parametrize('M', [0, 1, 7])
+def test_attend_output_is_attends_output(M):
+  """The one-softmax form against `attend`'s two-part one: logit biases, invalid slots (zero weight),
+  an empty cache."""
+  from compress.core.attention import attend_output
+  rng = np.random.default_rng(M)
+  B, H, S, D = 2, 3, 5, 4
+  q, k, v = (jnp.asarray(rng.standard_normal((B, H, S, D)), jnp.float32) for _ in range(3))
+  ck, cv = (jnp.asarray(rng.standard_normal((B, H, M, D)), jnp.float32) for _ in range(2))
+  valid = jnp.asarray(rng.random((B, H, M)) < 0.6)
+  bias = jnp.asarray(rng.standard_normal((B, H, M)), jnp.float32)
+  for b in (None, bias):
+    want = attend(q, ck, cv, valid, b, k, v)[0]
+    np.testing.assert_allclose(np.asarray(attend_output(q, ck, cv, valid, b, k, v)), np.asarray(want),
+                               rtol=1e-5, atol=1e-6)
