@@ -4,6 +4,7 @@ r"""Sampling benchmark: time, cache memory, process memory and FLOPs of `generat
     python -m eval.bench.sampling --size=d16 --batch=1 --runs=2 --policy=full,kivi,cam,composed --budget=25%
     python -m eval.bench.sampling --size=d16 --batch=1,8 --policy=full,kivi --budget=10%,25% --memory_gib=8
     python -m eval.bench.sampling --size=d16 --policy=full,kivi --profile --flops
+    python -m eval.bench.sampling --size=d8 --batch=2 --runs=3 --flops
     python -m eval.bench.sampling --var_ckpt=/path/var_d16.pth --vae_ckpt=/path/vae_ch160v4096z32.pth
 
 With --size the weights are random (drawn directly into the abstract model, no slow eager init); the
@@ -21,6 +22,12 @@ Prints one JSON line per (policy, budget, batch), then a markdown table. Memory 
   with --memory_gib and two or more batches: max_batch_at_memory, the largest batch whose predicted
     peak fits, from a least-squares line through the measured (batch, rss_peak) points, and
     max_batch_cache_only, memory / cache bytes allocated per image (the cache alone).
+With --flops, one more JSON line per (policy, budget): XLA's FLOP count of one call as compiled
+(`gflop_per_call`) and as the official algorithm computes it (`model_gflop_per_call`: the VQ-VAE's
+upsampling convolutions upsample-then-convolve, which this port runs as 2.25x cheaper phase convolutions),
+and `share_of_peak`: model FLOPs per second over a 2048^2 fp32 matmul timed in the same process (the
+model FLOPs utilisation; `share_of_peak_compiled` uses the compiled count). `--size=d8` is the official
+recipe at depth 8, the size `eval.bench.vs_official --depth 8` builds.
 """
 from __future__ import annotations
 
