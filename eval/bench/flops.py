@@ -70,7 +70,7 @@ def generate_flops(var, vae, policy, labels_B, *, cfg: float, top_k: int, top_p:
     _, f_hat, x, state, _, _ = sampling._scale_step(*args)
   decode = _flops(sampling._decode.lower(vae_graph, vae_state, f_hat).compile())
   official = nnx.clone(vae)
-  for _, module in official.iter_modules():
+  for _, module in nnx.iter_modules(official):
     if isinstance(module, Upsample2x):
       module.direct = True
   off_graph, off_state = nnx.split(official)
