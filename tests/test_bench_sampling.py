@@ -72,6 +72,22 @@ def test_generate_flops_cover_the_linear_layers(tiny):
     assert linear + head <= f['var_steps'][s] <= 1.6 * (linear + head) + 2e6, (s, f['var_steps'][s])
   assert f['total'] == pytest.approx(f['start'] + sum(f['var_steps']) + f['decode'])
   assert f['decode'] > 0
+  # the official decode convolves each upsampled map (9 taps per output pixel and channel pair) where
+  # the port runs four phase convolutions (4 taps): XLA counts 2 C^2 FLOPs per tap that lands inside the
+  # map, so along an axis of low-resolution length h the direct conv has 3 (2h) - 2 valid taps and the
+  # two phases 2 (2h - 1); the phase form adds 14 C^2 FLOPs summing the kernel's taps
+  from flax import nnx
+  from var_jax.vae_blocks import Upsample2x
+  h = cfg.patch_nums[-1]
+  extra = 0
+  for _, m in reversed(list(nnx.iter_modules(vae.decoder))):       # lowest resolution first
+    if isinstance(m, Upsample2x):
+      c = m.conv.kernel.shape[-1]
+      extra += 2 * c * c * ((6 * h - 2) ** 2 - (4 * h - 2) ** 2) - 14 * c * c
+      h *= 2
+  assert extra > 0
+  assert f['decode_official'] - f['decode'] == extra
+  assert f['model_total'] - f['total'] == extra
 
 
 @pytest.mark.parametrize('name', ['kivi', 'cam', 'composed'])

@@ -57,7 +57,7 @@ def upsample_conv3x3(x_BhwC: jax.Array, kernel_33IO: jax.Array, bias_O: jax.Arra
 
   Each output pixel of parity (p, q) sees a 2 x 2 window of x, so the conv is four 2 x 2 convs at the
   low resolution, one per parity, whose taps are sums of the 3 x 3 kernel's (`_phase_taps`); their
-  outputs interleave. 16 multiply-adds per output pixel and channel pair instead of 36 (2.25x fewer
+  outputs interleave. 4 multiply-adds per output pixel and channel pair instead of 9 (2.25x fewer
   FLOPs); the same sums as the official conv but for the taps added before multiplying (fp32 rounding).
   """
   B, h, w, _ = x_BhwC.shape
