@@ -5,8 +5,9 @@ The official code is not part of this repository: clone it yourself (FoundationV
 
     python -m eval.bench.vs_official --official_repo /path/to/VAR --depth 16 --batch 1 --runs 3 --threads 2
 
-It builds the official d<depth> VAR and VQ-VAE with their own initialisation (seeded), saves both state
-dicts as .pth into --workdir, loads those files into var_jax (`var_jax.convert`, so both sides hold the
+It builds the official d<depth> VAR and VQ-VAE with their own initialisation (seeded; the VQ-VAE's
+convolutions, which the official builder leaves as `torch.empty` memory, get torch's default one:
+`init_vae_convs`), saves both state dicts as .pth into --workdir, loads those files into var_jax (`var_jax.convert`, so both sides hold the
 same weights), and times `autoregressive_infer_cfg` against `var_jax.sampling.generate` at the same batch,
 cfg, top-k and top-p: one warm-up call each (our compile; torch's first-call overheads), then --runs
 timed calls each, alternating sides so that background load hits both alike. Thread counts: torch
