@@ -43,13 +43,12 @@ def group_norm(channels: int, *, rngs: nnx.Rngs) -> nnx.GroupNorm:
   return nnx.GroupNorm(channels, num_groups=GN_GROUPS, epsilon=GN_EPS, use_fast_variance=False, rngs=rngs)
 
 
-def _phase_taps(k_3xx: jax.Array, phase: int) -> jax.Array:
-  """The 2 taps (along axis 0) a 3-tap kernel axis becomes on a nearest-x2-upsampled input, for output
-  rows of parity `phase`: even rows read input rows (i-1, i) with taps (k0, k1 + k2), odd rows read (i,
-  i+1) with (k0 + k1, k2)."""
-  if phase == 0:
-    return jnp.stack([k_3xx[0], k_3xx[1] + k_3xx[2]])
-  return jnp.stack([k_3xx[0] + k_3xx[1], k_3xx[2]])
+def _phase_taps(k: jax.Array, phase: int, axis: int) -> jax.Array:
+  """The 2 taps a 3-tap kernel axis `axis` becomes on a nearest-x2-upsampled input, for outputs of
+  parity `phase` along it: even ones read input positions (i-1, i) with taps (k0, k1 + k2), odd ones
+  (i, i+1) with (k0 + k1, k2)."""
+  k0, k1, k2 = (jnp.take(k, i, axis=axis) for i in range(3))
+  return jnp.stack([k0, k1 + k2] if phase == 0 else [k0 + k1, k2], axis=axis)
 
 
 def upsample_conv3x3(x_BhwC: jax.Array, kernel_33IO: jax.Array, bias_O: jax.Array) -> jax.Array:
@@ -64,10 +63,10 @@ def upsample_conv3x3(x_BhwC: jax.Array, kernel_33IO: jax.Array, bias_O: jax.Arra
   pads = ((1, 0), (0, 1))                    # parity 0 reads rows (i-1, i), parity 1 reads (i, i+1)
   rows = []
   for p in range(2):
-    k_p = _phase_taps(kernel_33IO, p)                              # (2, 3, I, O)
+    k_p = _phase_taps(kernel_33IO, p, axis=0)                      # (2, 3, I, O)
     cols = []
     for q in range(2):
-      k_pq = jnp.swapaxes(_phase_taps(jnp.swapaxes(k_p, 0, 1), q), 0, 1)   # (2, 2, I, O)
+      k_pq = _phase_taps(k_p, q, axis=1)                           # (2, 2, I, O)
       cols.append(jax.lax.conv_general_dilated(x_BhwC, k_pq, (1, 1), (pads[p], pads[q]),
                                                dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
     rows.append(jnp.stack(cols, axis=3))                           # (B, h, w, 2 [q], O)

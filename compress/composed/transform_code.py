@@ -37,8 +37,7 @@ from compress.core.attention import attend, attend_output
 from compress.core.interface import Compressor
 from compress.core.registry import register
 from compress.core.slots import empty_slots, Slots
-from compress.core.topk import topk_indices
-from compress.merging.base import SIZE_DTYPE, unit_rows
+from compress.merging.base import nearest_kept, SIZE_DTYPE
 
 _TENSORS = ('k', 'v')
 # merge weights: the attention mass plus this much per token the entry stands for (keeps every group's
@@ -315,17 +314,7 @@ class TransformCodeBase(Compressor):
     score, mass = jax.lax.stop_gradient(attn.sum(2)), attn.mean(2)
 
     def one(k_ND, x_NF, size_N, score_N, mass_N, ok_N):
-      N = k_ND.shape[0]
-      idx, keep = topk_indices(score_N, ok_N, m)                     # kept ones first, best first
-      kept = jnp.zeros((N,), bool).at[idx].set(keep)
-      # similarity to the kept entries only, in index order (ties go to the lowest index)
-      cols = jnp.sort(jnp.where(keep, idx, N))
-      kn = unit_rows(jax.lax.stop_gradient(k_ND))
-      sim = jnp.where(cols[None, :] < N, kn @ kn[jnp.minimum(cols, N - 1)].T, -jnp.inf)   # (N, m)
-      best = sim.max(1)
-      first = jnp.min(jnp.where(sim == best[:, None], jnp.arange(m)[None, :], m - 1), 1)
-      merged = ok_N & ~kept & (best >= self.threshold)
-      target = jnp.where(kept, jnp.arange(N), jnp.where(merged, cols[first], N))
+      idx, keep, target = nearest_kept(k_ND, score_N, ok_N, m, self.threshold)   # kept ones first
       x, group_size = _group_means(idx, target, mass_N + _SIZE_FLOOR * size_N, x_NF, size_N)
       return x, jnp.where(keep, group_size, 0.0), keep
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from compress.core.slot_compressor import Candidates, SlotCompressor
+from compress.core.topk import first_max_index, topk_indices
 
 SIZE_DTYPE = jnp.uint16          # tokens a merged entry stands for (<= 65535)
 _EPS = 1e-12
@@ -25,6 +26,28 @@ _EPS = 1e-12
 def unit_rows(x_ND: jax.Array) -> jax.Array:
   """Rows scaled to unit L2 norm (zero rows stay zero)."""
   return x_ND / jnp.maximum(jnp.linalg.norm(x_ND, axis=-1, keepdims=True), _EPS)
+
+
+def nearest_kept(k_ND: jax.Array, score_N: jax.Array, valid_N: jax.Array, capacity: int,
+                 threshold: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Eviction by score, then each evicted entry's merge target: (idx (capacity,) the kept entries, best
+  score first; keep (capacity,) which of them hold an entry; target (N,) the group of every candidate:
+  itself if kept, its kept entry of highest key cosine if that cosine is >= `threshold` (ties: the
+  lowest index), else N (dropped)).
+
+  Cosines against the kept entries only (N x capacity, in index order), the nearest by two plain
+  reductions (`first_max_index`: XLA CPU's argmax is a variadic reduction, several times slower here).
+  Keys enter without gradient (the learned relaxation differentiates the merge weights, not the match).
+  """
+  N = k_ND.shape[0]
+  idx_M, keep_M = topk_indices(score_N, valid_N, capacity)
+  kept_N = jnp.zeros((N,), bool).at[idx_M].set(keep_M)
+  cols_M = jnp.sort(jnp.where(keep_M, idx_M, N))                 # the kept entries in index order
+  kn_ND = unit_rows(jax.lax.stop_gradient(k_ND))
+  sim_NM = jnp.where(cols_M[None, :] < N, kn_ND @ kn_ND[jnp.minimum(cols_M, N - 1)].T, -jnp.inf)
+  merged_N = valid_N & ~kept_N & (sim_NM.max(axis=1) >= threshold)
+  target_N = jnp.where(kept_N, jnp.arange(N), jnp.where(merged_N, cols_M[first_max_index(sim_NM)], N))
+  return idx_M, keep_M, target_N
 
 
 def merge_into(target_N: jax.Array, weight_N: jax.Array, x_NF: jax.Array) -> jax.Array:

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 from compress.core.registry import register
 from compress.core.slot_compressor import Candidates
 from compress.core.slots import pack
-from compress.core.topk import first_max_index, topk_indices
-from compress.merging.base import MergingCompressor, unit_rows
+from compress.core.topk import topk_indices
+from compress.merging.base import MergingCompressor, nearest_kept
 
 
 def cam_merge(k_ND, v_ND, size_N, score_N, mass_N, valid_N, capacity: int, threshold: float):
@@ -22,19 +22,12 @@ def cam_merge(k_ND, v_ND, size_N, score_N, mass_N, valid_N, capacity: int, thres
   weighted by the current attention mass `mass` (sizes break ties when masses underflow); sizes and
   scores add. Returns (k, v, size, score, keep) of the kept entries (best score first).
 
-  Cosines are taken against the kept entries only (N x capacity, in index order), the nearest by two
-  plain reductions (`first_max_index`), and the groups' sums in one segment sum over [w k, w v, w,
-  size, score]: the same values as the N x N matrix, argmax and five scatters it replaces, bit for bit
-  (tests/test_merging.py), 4x faster at d16's scale 8.
+  The targets come from `nearest_kept` (cosines against the kept entries only) and the groups' sums
+  from one segment sum over [w k, w v, w, size, score]: the same values as the N x N matrix, argmax and
+  five scatters they replace, bit for bit (tests/test_merging.py), 4x faster at d16's scale 8.
   """
   N = k_ND.shape[0]
-  idx_M, keep_M = topk_indices(score_N, valid_N, capacity)
-  kept_N = jnp.zeros((N,), bool).at[idx_M].set(keep_M)
-  cols_M = jnp.sort(jnp.where(keep_M, idx_M, N))                 # the kept entries in index order
-  kn_ND = unit_rows(k_ND)
-  sim_NM = jnp.where(cols_M[None, :] < N, kn_ND @ kn_ND[jnp.minimum(cols_M, N - 1)].T, -jnp.inf)
-  merged_N = valid_N & ~kept_N & (sim_NM.max(axis=1) >= threshold)
-  target_N = jnp.where(kept_N, jnp.arange(N), jnp.where(merged_N, cols_M[first_max_index(sim_NM)], N))
+  idx_M, keep_M, target_N = nearest_kept(k_ND, score_N, valid_N, capacity, threshold)
   w_N1 = (mass_N + 1e-30 * size_N)[:, None]
   D = k_ND.shape[1]
   sums = jax.ops.segment_sum(jnp.concatenate([w_N1 * k_ND, w_N1 * v_ND, w_N1, size_N[:, None],
@@ -46,7 +39,7 @@ def cam_merge(k_ND, v_ND, size_N, score_N, mass_N, valid_N, capacity: int, thres
 
 def cam_keep_all(k_ND, v_ND, size_N, score_N, mass_N, valid_N, capacity: int):
   """`cam_merge` when at most `capacity` candidates are valid (none is evicted, so none merges): the
-  same arithmetic on singleton groups (each kept row is w x / w, as `merge_into` computes it), without
+  same arithmetic on singleton groups (each kept row is w x / w, as `cam_merge`'s group sums compute it), without
   the similarity matrix and the scatters."""
   idx_M, keep_M = topk_indices(score_N, valid_N, capacity)
   w = (mass_N + 1e-30 * size_N)[:, None]
