@@ -16,7 +16,7 @@ from var_jax.config import VQVAEConfig
 from var_jax.interp import area_matrix, bicubic_matrix, resize_area, resize_bicubic
 from var_jax.quant import VectorQuantizer, phi_index
 from var_jax.torch_pickle import load_torch_state_dict
-from var_jax.vae_blocks import Upsample2x, upsample_conv3x3
+from var_jax.vae_blocks import conv3x3_narrow, Decoder, GroupNorm, Upsample2x, upsample_conv3x3
 from var_jax.vqvae import VQVAE, infer_vqvae_config, load_vqvae_state_dict, vqvae_to_torch_state_dict
 
 DATA = pathlib.Path(__file__).parent / 'data' / 'var_official_tiny'
@@ -123,6 +123,55 @@ def test_upsample_conv_equals_upsampling_then_convolving(shape):
   fast = layer(x)
   layer.direct = True
   np.testing.assert_allclose(np.asarray(fast), np.asarray(layer(x)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('shape', [(2, 5, 7, 8), (1, 1, 1, 3), (3, 4, 4, 16)])
+def test_narrow_conv_equals_lax_conv(shape):
+  """`conv3x3_narrow` (one matmul to the nine taps' outputs, shifted and summed) against lax's SAME 3x3
+  conv with a bias: odd and one-pixel maps (the edges read zero padding), and through the decoder."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((3, 3, shape[-1], 3)), jnp.float32)
+  b = jnp.asarray(rng.standard_normal(3), jnp.float32)
+  want = jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + b
+  got = conv3x3_narrow(x, k, b)
+  assert got.shape == shape[:3] + (3,)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_output_conv_is_the_conv():
+  """The decoder's RGB conv_out (run as `conv3x3_narrow`) against the same decoder with it as nnx.Conv."""
+  dec = Decoder(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, using_sa=False, using_mid_sa=False,
+                rngs=nnx.Rngs(0))
+  z = jax.random.normal(jax.random.key(0), (2, 3, 5, 8))
+  got = dec(z)
+  h = z
+  h = dec.mid(dec.conv_in(h))
+  for level in reversed(dec.up):
+    h = level(h)
+  want = dec.conv_out(jax.nn.silu(dec.norm_out(h)))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('shape', [(2, 6, 5, 64), (3, 10, 96), (1, 1, 1, 32)])
+def test_group_norm_equals_float64_two_pass(shape):
+  """`GroupNorm` against numpy's two-pass group statistics in float64 (32 groups, eps 1e-6, affine) on
+  maps whose mean is 100x their spread (a one-pass E[x^2] - E[x]^2 in float32 loses it); (B, H, W, C)
+  and (B, L, C) inputs; a one-element group normalises to the bias."""
+  rng = np.random.default_rng(2)
+  C = shape[-1]
+  x = (rng.standard_normal(shape) + 100.0 * rng.standard_normal(C)).astype(np.float32)
+  gn = GroupNorm(C)
+  scale, bias = rng.uniform(0.5, 1.5, C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+  gn.scale.set_value(jnp.asarray(scale))
+  gn.bias.set_value(jnp.asarray(bias))
+  g = x.astype(np.float64).reshape(shape[0], -1, 32, C // 32)
+  mean = g.mean(axis=(1, 3), keepdims=True)
+  var = ((g - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+  want = ((g - mean) / np.sqrt(var + 1e-6)).reshape(shape) * scale + bias
+  np.testing.assert_allclose(np.asarray(gn(jnp.asarray(x))), want, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match='divisible by 32'):
+    GroupNorm(48)
 
 
 def test_phi_choice_follows_official_ticks():

@@ -231,10 +231,10 @@ _DECODES: dict[Any, Any] = {}     # (graph, state shapes, f_hat shape, options) 
 def compiled_decode(vae_graph: nnx.GraphDef, vae_state: nnx.State, f_hat_BhwC: Any,
                     options: dict[str, Any] | None = None) -> Any:
   """`_decode` compiled for `f_hat_BhwC`'s shape (an array or a jax.ShapeDtypeStruct) with `options`
-  over `var_jax.xla_cpu.generation_options` (no YNN fusions on CPU: the decode's convolutions ran
-  faster without them at every size measured); once per model, shape and options, then reused:
-  (vae_state, f_hat) -> images."""
-  options = generation_options(options)
+  over `var_jax.xla_cpu.generation_options(decode=True)` (on CPU YNN fusions of the reductions only:
+  the decode's convolutions ran faster without YNN at every size measured, its GroupNorm sums with
+  it); once per model, shape and options, then reused: (vae_state, f_hat) -> images."""
+  options = generation_options(options, decode=True)
   key = (vae_graph, tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(vae_state)),
          tuple(f_hat_BhwC.shape), str(f_hat_BhwC.dtype), tuple(sorted((options or {}).items())))
   if key not in _DECODES:
