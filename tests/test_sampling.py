@@ -153,7 +153,7 @@ def numpy_official_filter(logits, top_k, top_p):
 
 
 @pytest.mark.parametrize('top_k,top_p', [(0, 0.0), (1, 0.0), (5, 0.0), (0, 0.5), (5, 0.9),
-                                         (40, 0.96), (64, 0.3), (0, 0.999), (20, 1.0)])
+                                         (40, 0.96), (64, 0.3), (0, 0.999), (20, 1.0), (0, 1e-9)])
 def test_top_k_top_p_filter_matches_brute_force(top_k, top_p):
   logits = np.random.default_rng(top_k + int(100 * top_p)).standard_normal((3, 7, 64)).astype(np.float32) * 3
   got = np.asarray(top_k_top_p_filter(jnp.asarray(logits), top_k, top_p))

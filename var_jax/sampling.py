@@ -3,7 +3,8 @@
 `generate` follows the official `VAR.autoregressive_infer_cfg`: every image is two sequences (the
 class, then the null class), scale k's logits are guided with t = cfg * k / (K - 1) as
 (1 + t) * cond - t * uncond, filtered by top-k then top-p (official `sample_with_top_k_top_p_`) and
-sampled; the codes update the VQ-VAE's f_hat, whose area-downsampled map is the next scale's input.
+sampled (`var_jax.token_sampling`); the codes update the VQ-VAE's f_hat, whose area-downsampled map is
+the next scale's input.
 
 One jitted function per scale (static shapes), taking and returning the cache-policy state with its
 buffers donated. The compiled functions are cached by jax.jit on (graph of the models, policy,
@@ -25,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from var_jax.kvcache import CachePolicy, FullCache
+from var_jax.token_sampling import sample_top_k_top_p, top_k_top_p_filter  # noqa: F401  (API)
 from var_jax.var import VAR
 from var_jax.xla_cpu import generation_options
 
@@ -52,51 +54,6 @@ class GenerateOutput:
   cache: Any
   qkv: list[tuple[tuple[Array, Array, Array], ...]] | None = None
   logits: list[Array] | None = None
-
-
-def _top_p_threshold(desc_BlK: Array, top_p: float) -> Array:
-  """(B, l, 1): the smallest logit top-p keeps among candidates sorted descending.
-
-  Official top-p removes, in ascending order, the logits whose cumulative probability is
-  <= 1 - top_p, always keeping the largest; the removed set is a prefix of the ascending order.
-  """
-  asc_BlK = desc_BlK[..., ::-1]
-  cum_BlK = jnp.cumsum(jax.nn.softmax(asc_BlK.astype(jnp.float32), axis=-1), axis=-1)
-  n_removed_Bl1 = jnp.sum(cum_BlK <= 1 - top_p, axis=-1, keepdims=True)
-  n_removed_Bl1 = jnp.minimum(n_removed_Bl1, asc_BlK.shape[-1] - 1)   # the largest always stays
-  return jnp.take_along_axis(asc_BlK, n_removed_Bl1, axis=-1)
-
-
-def top_k_top_p_filter(logits_BlV: Array, top_k: int = 0, top_p: float = 0.0) -> Array:
-  """Official `sample_with_top_k_top_p_` masking: removed logits become -inf.
-
-  top-k keeps logits >= the k-th largest (top_k <= 0 or >= V: off); top-p then keeps the smallest
-  set of largest logits whose probability exceeds top_p (top_p <= 0: off). Top-p is applied as a
-  threshold, so ties at the threshold are kept (the official scatter breaks them by sort order).
-  """
-  vocab = logits_BlV.shape[-1]
-  use_k, use_p = 0 < top_k < vocab, top_p > 0
-  if not (use_k or use_p):
-    return logits_BlV
-  desc_BlK = jax.lax.top_k(logits_BlV, top_k)[0] if use_k else -jnp.sort(-logits_BlV, axis=-1)
-  threshold_Bl1 = _top_p_threshold(desc_BlK, top_p) if use_p else desc_BlK[..., -1:]
-  return jnp.where(logits_BlV >= threshold_Bl1, logits_BlV, -jnp.inf)
-
-
-def sample_top_k_top_p(key: Array, logits_BlV: Array, top_k: int = 0, top_p: float = 0.0) -> Array:
-  """(B, l) int32 codes drawn from softmax of the filtered logits (top_k=1: exactly greedy).
-
-  With top-k on, the draw is over the k candidates only (k Gumbel variates per token, not V).
-  """
-  vocab = logits_BlV.shape[-1]
-  if not 0 < top_k < vocab:
-    filtered_BlV = top_k_top_p_filter(logits_BlV, top_k, top_p)
-    return jax.random.categorical(key, filtered_BlV, axis=-1).astype(jnp.int32)
-  desc_BlK, idx_BlK = jax.lax.top_k(logits_BlV, top_k)
-  if top_p > 0:
-    desc_BlK = jnp.where(desc_BlK >= _top_p_threshold(desc_BlK, top_p), desc_BlK, -jnp.inf)
-  choice_Bl1 = jax.random.categorical(key, desc_BlK, axis=-1)[..., None]
-  return jnp.take_along_axis(idx_BlK, choice_Bl1, axis=-1)[..., 0].astype(jnp.int32)
 
 
 # ------------------------------------------------------------------------------ jitted steps
