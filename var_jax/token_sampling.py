@@ -1,13 +1,13 @@
-"""Top-k / top-p token sampling (official `sample_with_top_k_top_p_` + `torch.multinomial`), sort-free.
+"""Top-k / top-p token sampling (the official `sample_with_top_k_top_p_`), sort-free.
 
 The official filter keeps the logits >= the k-th largest, then, in ascending order of the kept ones'
 probabilities, removes the prefix whose cumulative probability is <= 1 - top_p (the largest always
 stays), and draws from the softmax of what is left. Both cuts are thresholds on the logit's value, so
 they are found by radix selection on the logits' order-preserving uint32 keys (32 passes of a count or
-a masked sum over the vocabulary, no sort), and the draw is the inverse CDF of the kept weights in
-vocabulary order with one uniform per token (as `torch.multinomial`), not a Gumbel variate per
-candidate. At d8 batch 2's last scale (512 rows of 4096 logits, k = 900) `lax.top_k` alone took 79 ms
-on a 2-core CPU; this sampler takes ~20 ms (docs/benchmarks.md).
+a masked sum over the vocabulary, no sort), and the draw is the Gumbel-max over the kept codes with
+one variate per vocabulary entry (`sample_top_k_top_p`). At d8 batch 2's last scale (512 rows of 4096
+logits, k = 900) `lax.top_k` alone took 79 ms on a 2-core CPU and the whole sampler 86 ms; this one
+~25 ms (docs/benchmarks.md).
 
 Ties at a threshold are all kept (the official sort keeps some of them by position); probabilities are
 summed in XLA's order rather than the official sequential cumsum, so a cumulative probability within
@@ -20,7 +20,6 @@ import jax.numpy as jnp
 
 Array = jax.Array
 _SIGN = 0x80000000
-BLOCK = 64          # codes per block of the two-level inverse-CDF draw
 
 
 def sortable_keys(x: Array) -> Array:
@@ -67,30 +66,21 @@ def top_k_top_p_filter(logits_BlV: Array, top_k: int = 0, top_p: float = 0.0) ->
   return jnp.where(keep, logits_BlV, -jnp.inf)
 
 
-def _first_above(cum_XN: Array, u_X1: Array, w_XN: Array) -> Array:
-  """(X,) index of the first cumulative weight > u, never one of weight 0 (u rounding to or past the
-  total: the last positive one)."""
-  idx = jnp.sum(cum_XN <= u_X1, axis=-1)
-  last = jnp.max(jnp.where(w_XN > 0, jnp.arange(w_XN.shape[-1]), 0), axis=-1)
-  return jnp.minimum(idx, last)
-
-
 def sample_top_k_top_p(key: Array, logits_BlV: Array, top_k: int = 0, top_p: float = 0.0) -> Array:
-  """(B, l) int32 codes drawn from the softmax of the filtered logits (top_k=1: exactly greedy, ties
-  at the maximum aside): one uniform u per token, the first code whose cumulative kept weight (in
-  vocabulary order) exceeds u x their total, found in two levels (blocks of `BLOCK` codes, then the
-  codes of the block) so that no cumulative sum runs over the vocabulary."""
+  """(B, l) int32 codes drawn from the softmax of the filtered logits (top_k=1: exactly greedy): the
+  Gumbel-max draw, argmax over the kept codes of logit + a Gumbel variate per vocabulary entry (least
+  index among ties).
+
+  The variate belongs to the code, not to its rank among the candidates: two calls with the same key
+  on slightly different logits (a compressed cache against the full one) draw the same code unless the
+  winner's margin is within the perturbation, which the closed loop's token agreement relies on (an
+  inverse-CDF draw, whose choice moves with every weight before it in the vocabulary, agreed on 0.41
+  of the built-in model's tokens at kivi 25 % where this draw agrees on 0.85)."""
   x = logits_BlV.astype(jnp.float32)
-  *lead, V = x.shape
   keep = sortable_keys(x) >= kept_threshold(x, top_k, top_p)
-  w = jnp.where(keep, jnp.exp(x - jnp.max(x, axis=-1, keepdims=True)), 0.0).reshape(-1, V)
-  nb = -(-V // BLOCK)
-  w_XNb = jnp.pad(w, ((0, 0), (0, nb * BLOCK - V))).reshape(-1, nb, BLOCK)
-  bsum_XN = w_XNb.sum(-1)
-  bcum_XN = jnp.cumsum(bsum_XN, axis=-1)
-  u_X1 = jax.random.uniform(key, (w.shape[0], 1)) * bcum_XN[:, -1:]
-  blk = _first_above(bcum_XN, u_X1, bsum_XN)                                       # (X,)
-  w_Xb = jnp.take_along_axis(w_XNb, blk[:, None, None], axis=1)[:, 0]
-  below_X1 = jnp.take_along_axis(bcum_XN - bsum_XN, blk[:, None], axis=1)      # mass before the block
-  j = _first_above(jnp.cumsum(w_Xb, axis=-1), jnp.maximum(u_X1 - below_X1, 0.0), w_Xb)
-  return (blk * BLOCK + j).reshape(lead).astype(jnp.int32)
+  # held in memory: fused into both reductions below, the variates were drawn twice (18 vs 7 ms at
+  # 512 x 4096); the first maximum from two plain reductions (XLA CPU's argmax is a slower variadic one)
+  z_BlV = jax.lax.optimization_barrier(
+      jnp.where(keep, x + jax.random.gumbel(key, x.shape, jnp.float32), -jnp.inf))
+  hit = z_BlV == jnp.max(z_BlV, axis=-1, keepdims=True)
+  return jnp.min(jnp.where(hit, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1] - 1), axis=-1)
