@@ -9,13 +9,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import jax
 import einops
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ['AttnBlock', 'Decoder', 'Downsample2x', 'Encoder', 'GroupNorm', 'Level', 'MidBlock', 'ResnetBlock', 'Upsample2x', 'conv',
-           'conv3x3_narrow', 'group_norm', 'uniform_init', 'upsample_conv3x3']
+__all__ = ['AttnBlock', 'Decoder', 'Downsample2x', 'Encoder', 'GroupNorm', 'Level', 'MidBlock', 'ResnetBlock',
+           'Upsample2x', 'conv', 'conv3x3_narrow', 'group_norm', 'uniform_init', 'upsample_conv3x3']
 
 GN_GROUPS = 32
 GN_EPS = 1e-6
@@ -44,7 +44,7 @@ class GroupNorm(nnx.Module):
   The statistics are per-channel sums over the spatial axes (C the minor, vectorised axis), added up
   per group afterwards on (B, C)-sized arrays, then one fused scale-and-shift per element, instead of
   reductions over (B, HW, G, C/G) (with `xla_cpu.DECODE`'s YNN sums, GroupNorm + SiLU at 256 px and 160
-  channels take 14 ms against 25).
+  channels take 18-20 ms against 25 for `nnx.GroupNorm` without them; its sums alone 1 ms against 14).
   """
 
   def __init__(self, channels: int, *, num_groups: int = GN_GROUPS, epsilon: float = GN_EPS,
