@@ -39,8 +39,9 @@ def _largest_key_where(pred, shape: tuple[int, ...]) -> Array:
   return jax.lax.fori_loop(0, 32, body, jnp.zeros(shape[:-1] + (1,), jnp.uint32))
 
 
-def kept_threshold(logits_BlV: Array, top_k: int = 0, top_p: float = 0.0) -> Array:
-  """(B, l, 1) uint32: the key (`sortable_keys`) of the smallest logit the official filter keeps."""
+def kept(logits_BlV: Array, top_k: int = 0, top_p: float = 0.0) -> Array:
+  """(B, l, V) bool: the logits the official filter keeps (top_k <= 0 or >= V: no top-k; top_p <= 0:
+  no top-p), by their keys against the smallest kept one's."""
   vocab = logits_BlV.shape[-1]
   x = logits_BlV.astype(jnp.float32)
   key = sortable_keys(x)
@@ -48,22 +49,19 @@ def kept_threshold(logits_BlV: Array, top_k: int = 0, top_p: float = 0.0) -> Arr
   if 0 < top_k < vocab:                                    # the k-th largest: count(key >= T) >= k
     thr = _largest_key_where(lambda t: jnp.sum(key >= t, axis=-1, keepdims=True) >= top_k, key.shape)
   if top_p > 0:
-    kept = key >= thr
-    w = jnp.where(kept, jnp.exp(x - jnp.max(x, axis=-1, keepdims=True)), 0.0)
+    w = jnp.where(key >= thr, jnp.exp(x - jnp.max(x, axis=-1, keepdims=True)), 0.0)
     p = w / jnp.sum(w, axis=-1, keepdims=True)
     # a logit stays iff the mass of the kept ones <= it exceeds 1 - top_p: keys >= the largest T
     # whose mass below it is <= 1 - top_p; never above the largest logit (the official keeps it)
     below = _largest_key_where(
         lambda t: jnp.sum(jnp.where(key < t, p, 0.0), axis=-1, keepdims=True) <= 1 - top_p, key.shape)
     thr = jnp.maximum(thr, jnp.minimum(below, jnp.max(key, axis=-1, keepdims=True)))
-  return thr
+  return key >= thr
 
 
 def top_k_top_p_filter(logits_BlV: Array, top_k: int = 0, top_p: float = 0.0) -> Array:
-  """Official `sample_with_top_k_top_p_` masking: removed logits become -inf (top_k <= 0 or >= V: no
-  top-k; top_p <= 0: no top-p)."""
-  keep = sortable_keys(logits_BlV) >= kept_threshold(logits_BlV, top_k, top_p)
-  return jnp.where(keep, logits_BlV, -jnp.inf)
+  """Official `sample_with_top_k_top_p_` masking: removed logits become -inf (`kept`)."""
+  return jnp.where(kept(logits_BlV, top_k, top_p), logits_BlV, -jnp.inf)
 
 
 def sample_top_k_top_p(key: Array, logits_BlV: Array, top_k: int = 0, top_p: float = 0.0) -> Array:
@@ -77,7 +75,7 @@ def sample_top_k_top_p(key: Array, logits_BlV: Array, top_k: int = 0, top_p: flo
   inverse-CDF draw, whose choice moves with every weight before it in the vocabulary, agreed on 0.41
   of the built-in model's tokens at kivi 25 % where this draw agrees on 0.85)."""
   x = logits_BlV.astype(jnp.float32)
-  keep = sortable_keys(x) >= kept_threshold(x, top_k, top_p)
+  keep = kept(x, top_k, top_p)
   # held in memory: fused into both reductions below, the variates were drawn twice (18 against 7 ms
   # at 512 x 4096, one measurement); the first maximum from two plain reductions (XLA CPU's argmax is a
   # slower variadic one)
