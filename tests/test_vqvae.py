@@ -145,8 +145,7 @@ def test_decoder_output_conv_is_the_conv():
                 rngs=nnx.Rngs(0))
   z = jax.random.normal(jax.random.key(0), (2, 3, 5, 8))
   got = dec(z)
-  h = z
-  h = dec.mid(dec.conv_in(h))
+  h = dec.mid(dec.conv_in(z))
   for level in reversed(dec.up):
     h = level(h)
   want = dec.conv_out(jax.nn.silu(dec.norm_out(h)))

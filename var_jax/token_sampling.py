@@ -76,10 +76,19 @@ def sample_top_k_top_p(key: Array, logits_BlV: Array, top_k: int = 0, top_p: flo
   of the built-in model's tokens at kivi 25 % where this draw agrees on 0.85)."""
   x = logits_BlV.astype(jnp.float32)
   keep = kept(x, top_k, top_p)
-  # held in memory: fused into both reductions below, the variates were drawn twice (18 against 7 ms
-  # at 512 x 4096, one measurement); the first maximum from two plain reductions (XLA CPU's argmax is a
-  # slower variadic one)
+  # held in memory: fused into both reductions of `first_max_index`, the variates were drawn twice (18
+  # against 7 ms at 512 x 4096, one measurement)
   z_BlV = jax.lax.optimization_barrier(
       jnp.where(keep, x + jax.random.gumbel(key, x.shape, jnp.float32), -jnp.inf))
-  hit = z_BlV == jnp.max(z_BlV, axis=-1, keepdims=True)
-  return jnp.min(jnp.where(hit, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1] - 1), axis=-1)
+  return first_max_index(z_BlV)
+
+
+def first_max_index(x_BN: jax.Array) -> jax.Array:
+  """(...,) int32: the index of the first maximum along the last axis, as `jnp.argmax` gives it for
+  NaN-free rows (an all -inf row gives 0), from two plain reductions (max, then the least index that
+  attains it): XLA CPU runs argmax as a variadic (value, index) reduction, 3-4x slower on the merge
+  compressors' (candidates x kept) similarity matrices (docs/benchmarks.md). Used by the Gumbel-max draw
+  here and by compress.core.topk's users."""
+  n = x_BN.shape[-1]
+  hit = x_BN == x_BN.max(-1, keepdims=True)
+  return jnp.min(jnp.where(hit, jnp.arange(n, dtype=jnp.int32), n - 1), axis=-1)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from var_jax.token_sampling import first_max_index  # noqa: F401  (one implementation, shared)
+
 
 def _masked(score_BN: jax.Array, valid_BN: jax.Array) -> jax.Array:
   return jnp.where(valid_BN, score_BN.astype(jnp.float32), -jnp.inf)
@@ -30,13 +32,3 @@ def topk_mask(score_BN: jax.Array, valid_BN: jax.Array, k: int) -> jax.Array:
   idx, _ = topk_indices(score_BN, valid_BN, k)
   picked = jnp.put_along_axis(jnp.zeros(score_BN.shape, bool), idx, True, axis=-1, inplace=False)
   return picked & valid_BN
-
-
-def first_max_index(x_BN: jax.Array) -> jax.Array:
-  """(...,) int32: the index of the first maximum along the last axis, as `jnp.argmax` gives it for
-  NaN-free rows (an all -inf row gives 0), from two plain reductions (max, then the least index that
-  attains it): XLA CPU runs argmax as a variadic (value, index) reduction, 3-4x slower on the merge
-  compressors' (candidates x kept) similarity matrices (docs/benchmarks.md)."""
-  n = x_BN.shape[-1]
-  hit = x_BN == x_BN.max(-1, keepdims=True)
-  return jnp.min(jnp.where(hit, jnp.arange(n, dtype=jnp.int32), n - 1), axis=-1)
