@@ -191,6 +191,33 @@ def test_first_max_index_is_argmax_with_ties_and_inf_rows():
   np.testing.assert_array_equal(np.asarray(first_max_index(jnp.asarray(x))), np.argmax(x, axis=1))
 
 
+@pytest.mark.parametrize('N,k', [(9, 1), (9, 4), (9, 8), (506, 337), (274, 105)])
+def test_topk_mask_is_a_stable_sort_of_the_valid_scores(N, k):
+  """The sort-free `topk_mask` against numpy's stable sort: the k highest valid scores, ties broken by
+  the lower index, every valid one when fewer than k are valid; on rows full of ties (few distinct
+  values, float16-rounded), -inf and negative scores, rows with 0..N valid entries; and the same
+  entries as `topk_indices` (lax.top_k)."""
+  from compress.core.topk import topk_indices, topk_mask
+  rng = np.random.default_rng(N + k)
+  R = 64
+  score = np.where(rng.random((R, N)) < 0.5, rng.integers(-3, 3, (R, N)),
+                   rng.standard_normal((R, N)).astype(np.float16)).astype(np.float32)
+  score[rng.random((R, N)) < 0.05] = -np.inf
+  valid = rng.random((R, N)) < rng.random((R, 1)) * 1.2          # from none to every entry valid
+  valid[0], valid[1] = False, True
+  want = np.zeros((R, N), bool)
+  for r in range(R):
+    order = np.argsort(-np.where(valid[r], score[r], -np.inf), kind='stable')[:k]
+    want[r, order] = True
+  want &= valid
+  got = np.asarray(topk_mask(jnp.asarray(score), jnp.asarray(valid), k))
+  np.testing.assert_array_equal(got, want)
+  idx, ok = topk_indices(jnp.asarray(score), jnp.asarray(valid), k)
+  via_top_k = np.zeros((R, N), bool)
+  np.put_along_axis(via_top_k, np.asarray(idx), np.asarray(ok), axis=-1)
+  np.testing.assert_array_equal(got, via_top_k)
+
+
 @pytest.mark.parametrize('M', [0, 1, 7])
 def test_attend_output_is_attends_output(M):
   """The one-softmax form against `attend`'s two-part one: logit biases, invalid slots (zero weight),

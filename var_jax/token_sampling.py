@@ -39,6 +39,12 @@ def _largest_key_where(pred, shape: tuple[int, ...]) -> Array:
   return jax.lax.fori_loop(0, 32, body, jnp.zeros(shape[:-1] + (1,), jnp.uint32))
 
 
+def kth_largest_key(key: Array, k: int) -> Array:
+  """(..., 1) uint32: the k-th largest of `key` along the last axis (1 <= k <= its length), by radix
+  selection: the largest T with count(key >= T) >= k."""
+  return _largest_key_where(lambda t: jnp.sum(key >= t, axis=-1, keepdims=True) >= k, key.shape)
+
+
 def kept(logits_BlV: Array, top_k: int = 0, top_p: float = 0.0) -> Array:
   """(B, l, V) bool: the logits the official filter keeps (top_k <= 0 or >= V: no top-k; top_p <= 0:
   no top-p), by their keys against the smallest kept one's."""
@@ -46,8 +52,8 @@ def kept(logits_BlV: Array, top_k: int = 0, top_p: float = 0.0) -> Array:
   x = logits_BlV.astype(jnp.float32)
   key = sortable_keys(x)
   thr = jnp.zeros(key.shape[:-1] + (1,), jnp.uint32)
-  if 0 < top_k < vocab:                                    # the k-th largest: count(key >= T) >= k
-    thr = _largest_key_where(lambda t: jnp.sum(key >= t, axis=-1, keepdims=True) >= top_k, key.shape)
+  if 0 < top_k < vocab:
+    thr = kth_largest_key(key, top_k)
   if top_p > 0:
     w = jnp.where(key >= thr, jnp.exp(x - jnp.max(x, axis=-1, keepdims=True)), 0.0)
     p = w / jnp.sum(w, axis=-1, keepdims=True)

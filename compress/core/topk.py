@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from var_jax.token_sampling import first_max_index  # noqa: F401  (one implementation, shared)
+from var_jax.token_sampling import kth_largest_key, sortable_keys
 
 
 def _masked(score_BN: jax.Array, valid_BN: jax.Array) -> jax.Array:
@@ -23,12 +24,18 @@ def topk_indices(score_BN: jax.Array, valid_BN: jax.Array, k: int) -> tuple[jax.
 
 
 def topk_mask(score_BN: jax.Array, valid_BN: jax.Array, k: int) -> jax.Array:
-  """(..., N) bool: the k best valid entries (every valid one if there are fewer)."""
+  """(..., N) bool: the k best valid entries (every valid one if there are fewer), the entries
+  `topk_indices` picks, without a sort: the k-th largest score by radix selection on order-preserving
+  keys (`var_jax.token_sampling.kth_largest_key`), every entry above it, and of those equal to it the
+  lowest-indexed ones that complete k. 4x faster than `lax.top_k` on d16's eviction scores (32 rows of
+  506, k = 337: 0.16 against 0.65 ms; 256 rows 1.2 against 5.3 ms)."""
   N = score_BN.shape[-1]
   if k <= 0:
     return jnp.zeros(score_BN.shape, bool)
   if k >= N:
     return valid_BN
-  idx, _ = topk_indices(score_BN, valid_BN, k)
-  picked = jnp.put_along_axis(jnp.zeros(score_BN.shape, bool), idx, True, axis=-1, inplace=False)
-  return picked & valid_BN
+  key = sortable_keys(_masked(score_BN, valid_BN))
+  thr = kth_largest_key(key, k)
+  above, tie = key > thr, key == thr
+  rank = jnp.cumsum(tie, axis=-1, dtype=jnp.int32) - tie          # earlier entries equal to the k-th
+  return (above | (tie & (rank < k - above.sum(-1, keepdims=True)))) & valid_BN

@@ -196,10 +196,16 @@ class QuantCache(Compressor):
       ck, cv = self.decode(state, start)
       out = attend_output(q_BHSD, ck, cv, state.valid[:, :, :start], None, k_BHSD, v_BHSD)
       return out, (state if self.is_last(scale) else self._append(state, ck, cv, k_BHSD, v_BHSD, start))
-    ck, cv = self.decode(state)
+    # while start <= M (the scale that first evicts), slots [0, start) hold every token so far and the
+    # rest are empty: decode and attend over those only (the empty ones would get zero probability)
+    held = min(start, M)
+    ck, cv = self.decode(state, held)
     if self.is_last(scale) or M == 0:
-      return attend_output(q_BHSD, ck, cv, state.valid, None, k_BHSD, v_BHSD), state
-    out, p_cache, p_new = attend(q_BHSD, ck, cv, state.valid, None, k_BHSD, v_BHSD)
+      return attend_output(q_BHSD, ck, cv, state.valid[:, :, :held], None, k_BHSD, v_BHSD), state
+    out, p_cache, p_new = attend(q_BHSD, ck, cv, state.valid[:, :, :held], None, k_BHSD, v_BHSD)
+    if held < M:        # the empty slots back, at zero probability (they take new tokens or stay empty)
+      ck, cv = (jnp.pad(x, ((0, 0), (0, 0), (0, M - held), (0, 0))) for x in (ck, cv))
+      p_cache = jnp.pad(p_cache, ((0, 0), (0, 0), (0, 0), (0, M - held)))
     take_new, src, valid, score = plan_slots(self.evict, self.geometry, state, p_cache, p_new, scale)
     k, ex_k, hd_k = self._store_one(state, 'k', ck, k_BHSD, take_new, src, valid)
     v, ex_v, hd_v = self._store_one(state, 'v', cv, v_BHSD, take_new, src, valid)
