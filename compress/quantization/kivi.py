@@ -189,20 +189,19 @@ class QuantCache(Compressor):
     del params, ctx
     M = state.capacity
     start, S = self.geometry.scale_starts[scale], k_BHSD.shape[2]
-    if start + S <= M and 'score' not in state.extra:
-      # the cache holds exactly the `start` tokens so far in slots [0, start) (nothing was evicted):
-      # decode and attend over those only (the empty slots past them would get zero probability) and
-      # code only what the new scale changes
-      ck, cv = self.decode(state, start)
-      out = attend_output(q_BHSD, ck, cv, state.valid[:, :, :start], None, k_BHSD, v_BHSD)
-      return out, (state if self.is_last(scale) else self._append(state, ck, cv, k_BHSD, v_BHSD, start))
-    # while start <= M (the scale that first evicts), slots [0, start) hold every token so far and the
-    # rest are empty: decode and attend over those only (the empty ones would get zero probability)
+    # while start <= M, slots [0, start) hold every token so far (nothing is evicted before the cache is
+    # full) and the rest are empty: decode and attend over the held ones only (the empty ones would get
+    # zero probability)
     held = min(start, M)
     ck, cv = self.decode(state, held)
-    if self.is_last(scale) or M == 0:
-      return attend_output(q_BHSD, ck, cv, state.valid[:, :, :held], None, k_BHSD, v_BHSD), state
-    out, p_cache, p_new = attend(q_BHSD, ck, cv, state.valid[:, :, :held], None, k_BHSD, v_BHSD)
+    held_valid = state.valid[:, :, :held]
+    appends = start + S <= M and 'score' not in state.extra   # the scale fits whole: code only what it adds
+    if self.is_last(scale) or M == 0 or appends:
+      out = attend_output(q_BHSD, ck, cv, held_valid, None, k_BHSD, v_BHSD)
+      if appends and not self.is_last(scale):
+        return out, self._append(state, ck, cv, k_BHSD, v_BHSD, start)
+      return out, state
+    out, p_cache, p_new = attend(q_BHSD, ck, cv, held_valid, None, k_BHSD, v_BHSD)
     if held < M:        # the empty slots back, at zero probability (they take new tokens or stay empty)
       ck, cv = (jnp.pad(x, ((0, 0), (0, 0), (0, M - held), (0, 0))) for x in (ck, cv))
       p_cache = jnp.pad(p_cache, ((0, 0), (0, 0), (0, 0), (0, M - held)))
