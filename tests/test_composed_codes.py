@@ -34,15 +34,34 @@ def numpy_pack(codes_BHMR, width_HR, num_bits):
   return out
 
 
-def test_bitstream_equals_a_bitwise_packer_and_round_trips():
+def _widths(case, rng):
+  """(H, R) widths and the stream bits E of a case."""
+  if case == 'random':
+    width = rng.integers(0, MAX_WIDTH + 1, (3, 12))
+    width[0, -3:] = 0                                     # trailing empty codes
+    width[1] = MAX_WIDTH                                  # 16-bit codes straddle three bytes
+    return width, int(width.sum(1).max()) + 5
+  # a 1..31-bit lead, then 16-bit codes and fillers up to exactly E bits: every 32-bit word boundary
+  # crossed at every offset, the stream full; E = 128 (whole words) or 120 (15 bytes, a partial word)
+  E = 128 if case == 'words' else 120
+  rows = []
+  for lead in range(1, 32):
+    row, left = [lead], E - lead
+    while left:
+      row.append(min(MAX_WIDTH, left))
+      left -= row[-1]
+    rows.append(row)
+  R = max(map(len, rows))
+  return np.array([r + [0] * (R - len(r)) for r in rows]), E
+
+
+@pytest.mark.parametrize('case', ['random', 'words', 'short'])
+def test_bitstream_equals_a_bitwise_packer_and_round_trips(case):
   rng = np.random.default_rng(0)
-  width = rng.integers(0, MAX_WIDTH + 1, (3, 12))
-  width[0, -3:] = 0                                       # trailing empty codes
-  width[1] = MAX_WIDTH                                    # 16-bit codes straddle three bytes
-  E = int(width.sum(1).max()) + 5
-  codes = rng.integers(0, 2 ** 16, (2, 3, 4, 12)) % (2 ** width)[None, :, None]
+  width, E = _widths(case, rng)
+  codes = rng.integers(0, 2 ** 16, (2, width.shape[0], 4, width.shape[1])) % (2 ** width)[None, :, None]
   stream = pack_stream(jnp.asarray(codes), jnp.asarray(width), E)
-  assert stream.dtype == jnp.uint8 and stream.shape == (2, 3, 4, -(-E // 8))
+  assert stream.dtype == jnp.uint8 and stream.shape == (2, width.shape[0], 4, -(-E // 8))
   np.testing.assert_array_equal(np.asarray(stream), numpy_pack(codes, width, E))
   np.testing.assert_array_equal(np.asarray(unpack_stream(stream, jnp.asarray(width))), codes)
 

@@ -76,7 +76,8 @@ def read_back(comp, p, state, scale):
             'v': np.asarray(state.v, np.float64)}
   code = _coded_stage(comp, scale)
   coef = comp.decode(p, state.k) if code is None else comp.decode(p, state.k, code)
-  coef = {t: np.asarray(c, np.float64) for t, c in coef.items()}
+  # decode gives (H, R, B, M): this reference reads (B, H, M, R)
+  coef = {t: np.transpose(np.asarray(c, np.float64), (2, 0, 3, 1)) for t, c in coef.items()}
   tt = tensors(comp, p)
   rebuilt = {t: np.einsum('bhmr,hdr->bhmd', coef[t], tt[t][1]) + tt[t][0][None, :, None] for t in 'kv'}
   return {**out, 'exact': False, 'coef': coef, **rebuilt}

@@ -5,14 +5,16 @@ between heads and layers); code j occupies bits [o_j, o_j + w_j) of the entry's 
 exclusive cumulative sum of w, least significant bit first. The stream is stored as ceil(E / 8) uint8
 bytes, so the array a state holds is exactly its memory. Requires sum(w) <= E.
 
-Both directions move whole rows: the entries of a head are laid out (R or bytes, B x M); packing adds
-each code's three byte-pieces into their byte rows (a scatter of 3R rows per head), unpacking gathers
-each code's three bytes, so no index grows with the batch or the entries (a per-element index costs ~3x
-the time in the composed step, measured on a small case with d16's scale schedule; packing bit by bit
-cost 8 x bytes rows). Packing first holds the codes in memory as uint16, in their own layout and then
-heads first: left to XLA's fusion, the codes' producer (the quantiser, the merge) was recomputed for
-each of the three pieces in transposed order: over half of the composed step's time at d16
-(docs/composed.md, "Packing from memory").
+Both directions work heads first, on whole rows of little-endian uint32 words: the codes of a head
+laid out (R, B x M), its stream (words, B x M). Packing adds each code's two word-pieces into their
+word rows (a scatter of 2R rows per head), unpacking gathers each code's two words, so no index grows
+with the batch or the entries (a per-element index cost ~3x the time in the composed step; packing
+bit by bit cost 8 x bytes rows). The stream moves between the entries' layout (B, H, M, bytes) and
+heads first as uint32 words: the same transpose on uint8 bytes cost ~4x. Packing first holds the
+codes in memory as uint16, unpacking the words: left to XLA's fusion, the codes' producer (the
+quantiser, the merge) was recomputed for each piece in transposed order (over half of the composed
+step's time at d16, docs/composed.md, "Packing from memory"), and the transposed stream inside the
+read-back's table gather (~20x that gather's time at d16's last scale).
 """
 from __future__ import annotations
 
@@ -33,55 +35,89 @@ def _heads_first(x_BHMF: jax.Array) -> jax.Array:
   return jnp.transpose(x_BHMF, (1, 3, 0, 2)).reshape(H, F, B * M)
 
 
-def _heads_back(x_HFX: jax.Array, B: int, M: int) -> jax.Array:
+def heads_back(x_HFX: jax.Array, B: int, M: int) -> jax.Array:
   """(H, F, B * M) -> (B, H, M, F)."""
   H, F, _ = x_HFX.shape
   return jnp.transpose(x_HFX.reshape(H, F, B, M), (2, 0, 3, 1))
 
 
-def _held(x: jax.Array, valid: jax.Array) -> jax.Array:
+def held(x: jax.Array, valid: jax.Array) -> jax.Array:
   """x, computed into memory before its consumers run: XLA fuses no producer across a conditional
-  (its optimisation barrier is dropped on CPU). `valid`: a traced True."""
+  (its optimisation barrier is dropped on CPU). `valid`: a traced True (e.g. all(widths >= 0))."""
   return jax.lax.cond(valid, lambda a: a, jnp.zeros_like, x)
 
 
-def pack_stream(codes_BHMR: jax.Array, width_HR: jax.Array, num_bits: int) -> jax.Array:
-  """Codes (B, H, M, R) (< 2^w) -> (B, H, M, ceil(num_bits / 8)) uint8 streams.
+def _to_bytes(words_BHMW: jax.Array, nbytes: int) -> jax.Array:
+  """uint32 words (..., W) -> their first `nbytes` little-endian bytes (..., nbytes) uint8."""
+  parts = jnp.stack([(words_BHMW >> (8 * j)) & 0xFF for j in range(4)], axis=-1)
+  return parts.astype(jnp.uint8).reshape(*words_BHMW.shape[:-1], -1)[..., :nbytes]
 
-  Stream bit e is bit e - o_j of the code j that holds it (0 past the last code). A code of <= 16 bits
-  shifted to its first byte's bit offset spans at most three bytes: each of its three byte-pieces is
-  added (= or-ed: the codes' bit ranges are disjoint) into its byte row, whole rows per head."""
-  B, H, M, R = codes_BHMR.shape
+
+def _to_words(stream_BHMP: jax.Array) -> jax.Array:
+  """uint8 bytes (..., P) -> uint32 little-endian words (..., ceil(P / 4)) (missing bytes 0)."""
+  P = stream_BHMP.shape[-1]
+  W = -(-P // 4)
+  pad = jnp.pad(stream_BHMP, [(0, 0)] * (stream_BHMP.ndim - 1) + [(0, 4 * W - P)])
+  quads = pad.reshape(*stream_BHMP.shape[:-1], W, 4).astype(jnp.uint32)
+  return sum(quads[..., j] << (8 * j) for j in range(4))
+
+
+def pack_heads_first(codes_HRBM: jax.Array, width_HR: jax.Array, num_bits: int) -> jax.Array:
+  """Codes heads first (H, R, B, M) (< 2^w) -> (B, H, M, ceil(num_bits / 8)) uint8 streams.
+
+  Stream bit e is bit e - o_j of the code j that holds it (0 past the last code). The stream is built
+  as little-endian uint32 words: a code of <= 16 bits shifted to its word's bit offset spans at most
+  two words, and each of its two pieces is added (= or-ed: the codes' bit ranges are disjoint) into its
+  word row, whole rows per head; the words are transposed to the entries' layout as uint32 (a uint8
+  transpose of the bytes cost ~4x), then split into bytes."""
+  H, R, B, M = codes_HRBM.shape
   nbytes = -(-num_bits // 8)
+  nwords = -(-nbytes // 4)
   w = width_HR.astype(jnp.int32)
   offset = jnp.cumsum(w, axis=-1) - w                                           # (H, R)
   mask = (jnp.uint32(1) << w.astype(jnp.uint32)) - 1
-  # the codes as uint16 in their own layout, then heads first (H, R, BM), each held in memory (module
-  # doc: fused into the pieces below, their whole producer ran three times, in transposed order)
+  # the codes as uint16, held in memory (module doc: fused into the pieces below, their whole producer
+  # ran once per piece)
   valid = jnp.all(w >= 0)                            # always true; traced, so XLA keeps the boundary
-  code = _held(codes_BHMR.astype(jnp.uint32).astype(jnp.uint16), valid)
-  code = _held(_heads_first(code), valid).astype(jnp.uint32) & mask[..., None]   # (H, R, BM)
-  shifted = code << (offset % 8).astype(jnp.uint32)[..., None]                  # < 2^23
-  first = offset // 8
-  rows = jnp.concatenate([first + i for i in range(3)], axis=1)                 # (H, 3R)
-  pieces = ((shifted[:, None] >> jnp.arange(0, 24, 8, dtype=jnp.uint32)[None, :, None, None]) & 0xFF
-            ).reshape(H, 3 * R, B * M)                                          # piece-major, as rows
-  # pieces past the stream are zero (sum(w) <= num_bits): they land in two spare rows, then dropped
-  byte = jax.vmap(lambda r, p: jnp.zeros((nbytes + 2, B * M), jnp.uint32).at[r].add(p, mode='drop'))(
-      jnp.minimum(rows, nbytes + 1), pieces)
-  return _heads_back(byte[:, :nbytes].astype(jnp.uint8), B, M)
+  code = held(codes_HRBM.astype(jnp.uint32).astype(jnp.uint16).reshape(H, R, B * M), valid)
+  code = code.astype(jnp.uint32) & mask[..., None]                              # (H, R, BM)
+  shift = (offset % 32).astype(jnp.uint32)[..., None]
+  low = code << shift                                # the bits that stay in word o // 32
+  high = (code >> 1) >> (31 - shift)                 # the rest, in the next word (0 when shift = 0)
+  first = offset // 32
+  rows = jnp.concatenate([first, first + 1], axis=1)                            # (H, 2R)
+  pieces = jnp.concatenate([low, high], axis=1)                                 # (H, 2R, BM)
+  # pieces past the stream are zero (sum(w) <= num_bits): they land in a spare row, then dropped
+  word = jax.vmap(lambda r, p: jnp.zeros((nwords + 1, B * M), jnp.uint32).at[r].add(p, mode='drop'))(
+      jnp.minimum(rows, nwords), pieces)
+  return _to_bytes(heads_back(word[:, :nwords], B, M), nbytes)
+
+
+def unpack_heads_first(stream_BHMP: jax.Array, width_HR: jax.Array) -> jax.Array:
+  """Inverse of `pack_heads_first`: (B, H, M, P) uint8 -> (H, R, B, M) int32 codes.
+
+  The stream as uint32 words, heads first (H, W, B * M), held in memory (module doc); a code of <= 16
+  bits spans at most two words: gather their rows, shift, mask."""
+  B, H, M, P = stream_BHMP.shape
+  w = width_HR.astype(jnp.int32)
+  valid = jnp.all(w >= 0)                            # always true; traced, so XLA keeps the boundary
+  offset = jnp.cumsum(w, axis=-1) - w                                           # (H, R)
+  first = offset // 32
+  shift = (offset % 32).astype(jnp.uint32)[..., None]
+  words = held(_heads_first(_to_words(stream_BHMP)), valid)                    # (H, W, BM)
+  # a word past the stream is clipped to its last one: a code ending before it masks it out
+  low = _rows(words, first) >> shift
+  high = (_rows(words, first + 1) << 1) << (31 - shift)                         # 0 when shift = 0
+  mask = (jnp.uint32(1) << w.astype(jnp.uint32)) - 1
+  codes = (low | high) & mask[..., None]
+  return codes.astype(jnp.int32).reshape(H, -1, B, M)
+
+
+def pack_stream(codes_BHMR: jax.Array, width_HR: jax.Array, num_bits: int) -> jax.Array:
+  """`pack_heads_first` of codes (B, H, M, R)."""
+  return pack_heads_first(jnp.transpose(codes_BHMR, (1, 3, 0, 2)), width_HR, num_bits)
 
 
 def unpack_stream(stream_BHMP: jax.Array, width_HR: jax.Array) -> jax.Array:
-  """Inverse of `pack_stream`: (B, H, M, P) uint8 -> (B, H, M, R) int32 codes. A code of <= 16 bits
-  spans at most three bytes: gather them, shift, mask."""
-  B, H, M, P = stream_BHMP.shape
-  w = width_HR.astype(jnp.int32)
-  offset = jnp.cumsum(w, axis=-1) - w                                           # (H, R)
-  first = offset // 8
-  s = _heads_first(stream_BHMP)                                                 # (H, P, BM)
-  # bytes past the stream are clipped to its last one: a code ending before them masks them out
-  word = sum(_rows(s, first + i).astype(jnp.uint32) << (8 * i) for i in range(3))   # (H, R, BM)
-  mask = (jnp.uint32(1) << w.astype(jnp.uint32)) - 1
-  codes = (word >> (offset % 8).astype(jnp.uint32)[..., None]) & mask[..., None]
-  return _heads_back(codes.astype(jnp.int32), B, M)
+  """Inverse of `pack_stream`: (B, H, M, P) uint8 -> (B, H, M, R) int32 codes."""
+  return jnp.transpose(unpack_heads_first(stream_BHMP, width_HR), (2, 0, 3, 1))

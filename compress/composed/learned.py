@@ -68,13 +68,13 @@ class TransformCodeLearned(TransformCodeBase):
   def read_back(self, params, coef, code):
     """Quantise-dequantise {'k', 'v'} coefficients at code `code`: the hard path's values, straight-through
     gradients."""
-    scale, width = (a[None, :, None] for a in self.scales_widths(params, code))   # keys and values at once
-    x = jnp.concatenate([coef[t] for t in _TENSORS], -1)
+    scale, width = (a[..., None, None] for a in self.scales_widths(params, code))   # keys and values at once
+    x = jnp.concatenate([coef[t] for t in _TENSORS], 1)                              # (H, R, B, M)
     z = x / scale
     r = jax.lax.stop_gradient(compander.read_back(compander.quantize(x, scale, width), width))
     out = (z + jax.lax.stop_gradient(r - z)) * scale
-    rk = coef['k'].shape[-1]
-    return {'k': out[..., :rk], 'v': out[..., rk:]}
+    rk = coef['k'].shape[1]
+    return {'k': out[:, :rk], 'v': out[:, rk:]}
 
   def train_outputs(self, params, q_BHLD, k_BHLD, v_BHLD) -> jax.Array:
     """Attention outputs (B, H, L, D) of one layer through the hard path's schedule, differentiable in
