@@ -54,12 +54,16 @@ def _to_bytes(words_BHMW: jax.Array, nbytes: int) -> jax.Array:
 
 
 def _to_words(stream_BHMP: jax.Array) -> jax.Array:
-  """uint8 bytes (..., P) -> uint32 little-endian words (..., ceil(P / 4)) (missing bytes 0)."""
+  """uint8 bytes (..., P) -> uint32 little-endian words (..., ceil(P / 4)) (missing bytes 0); the last,
+  partial word apart (padding the uint8 stream to whole words cost more than the rest at d16)."""
   P = stream_BHMP.shape[-1]
-  W = -(-P // 4)
-  pad = jnp.pad(stream_BHMP, [(0, 0)] * (stream_BHMP.ndim - 1) + [(0, 4 * W - P)])
-  quads = pad.reshape(*stream_BHMP.shape[:-1], W, 4).astype(jnp.uint32)
-  return sum(quads[..., j] << (8 * j) for j in range(4))
+  whole, rest = divmod(P, 4)
+  quads = stream_BHMP[..., :4 * whole].reshape(*stream_BHMP.shape[:-1], whole, 4).astype(jnp.uint32)
+  words = sum(quads[..., j] << (8 * j) for j in range(4))
+  if not rest:
+    return words
+  tail = sum(stream_BHMP[..., 4 * whole + j].astype(jnp.uint32) << (8 * j) for j in range(rest))
+  return jnp.concatenate([words, tail[..., None]], axis=-1)
 
 
 def pack_heads_first(codes_HRBM: jax.Array, width_HR: jax.Array, num_bits: int) -> jax.Array:
@@ -96,8 +100,8 @@ def pack_heads_first(codes_HRBM: jax.Array, width_HR: jax.Array, num_bits: int) 
 def unpack_heads_first(stream_BHMP: jax.Array, width_HR: jax.Array) -> jax.Array:
   """Inverse of `pack_heads_first`: (B, H, M, P) uint8 -> (H, R, B, M) int32 codes.
 
-  The stream as uint32 words, heads first (H, W, B * M), held in memory (module doc); a code of <= 16
-  bits spans at most two words: gather their rows, shift, mask."""
+  The stream as uint32 words, heads first (H, W, B * M), and the codes held in memory (module doc); a
+  code of <= 16 bits spans at most two words: gather their rows, shift, mask."""
   B, H, M, P = stream_BHMP.shape
   w = width_HR.astype(jnp.int32)
   valid = jnp.all(w >= 0)                            # always true; traced, so XLA keeps the boundary
@@ -110,7 +114,7 @@ def unpack_heads_first(stream_BHMP: jax.Array, width_HR: jax.Array) -> jax.Array
   high = (_rows(words, first + 1) << 1) << (31 - shift)                         # 0 when shift = 0
   mask = (jnp.uint32(1) << w.astype(jnp.uint32)) - 1
   codes = (low | high) & mask[..., None]
-  return codes.astype(jnp.int32).reshape(H, -1, B, M)
+  return held(codes.astype(jnp.int32), valid).reshape(H, -1, B, M)
 
 
 def pack_stream(codes_BHMR: jax.Array, width_HR: jax.Array, num_bits: int) -> jax.Array:
