@@ -20,9 +20,8 @@ quantiser's MSE at 8 bits), its scale the parameters' `step`; w = 0 reads 0, the
 read-back coefficient at the same width and scale gives its code again, so kept entries never drift;
 at a narrower width it is quantised again from its read-back value.
 
-Coefficients are laid out heads first, (H, R, B, M), the layout the bitstream packs from and unpacks
-to: coding and reading back never transpose them (at d16, 25 %, batch 1 with CFG: the composed
-sampler's overhead over the full cache's 1.17x -> 1.10x, with the stream's word layout, session 19).
+Coefficients are held heads first, (H, R, B, M), as the bitstream packs and unpacks them: coding and
+reading back never transpose them (docs/composed.md, "Heads first, in words").
 """
 from __future__ import annotations
 
@@ -225,8 +224,7 @@ class TransformCodeBase(Compressor):
     return pack_heads_first(codes.astype(jnp.int32), width.astype(jnp.int32), num_bits)
 
   def decode(self, params, stream_BHMP: jax.Array, code: int) -> dict[str, jax.Array]:
-    """Read-back coefficients {'k', 'v'} (H, R_t, B, M), computed into memory (their consumers, the
-    rebuild and the re-coding, read them in other orders)."""
+    """Read-back coefficients {'k', 'v'} (H, R_t, B, M), held in memory (rebuild and re-coding read them)."""
     scale, width = self.scales_widths(params, code)
     codes = unpack_heads_first(stream_BHMP, width.astype(jnp.int32))
     rk, ok = params['k_width'].shape[-1], jnp.all(width >= 0)
