@@ -11,7 +11,7 @@ word rows (a scatter of 2R rows per head), unpacking gathers each code's two wor
 with the batch or the entries (a per-element index cost ~3x the time in the composed step; packing
 bit by bit cost 8 x bytes rows). The stream moves between the entries' layout (B, H, M, bytes) and
 heads first as uint32 words: the same transpose on uint8 bytes cost ~4x. Packing first holds the
-codes in memory as uint16, unpacking the words: left to XLA's fusion, the codes' producer (the
+codes in memory as uint16, unpacking the words and the codes: left to XLA's fusion, the codes' producer (the
 quantiser, the merge) was recomputed for each piece in transposed order (over half of the composed
 step's time at d16, docs/composed.md, "Packing from memory"), and the transposed stream inside the
 read-back's table gather (~20x that gather's time at d16's last scale).
@@ -35,7 +35,7 @@ def _heads_first(x_BHMF: jax.Array) -> jax.Array:
   return jnp.transpose(x_BHMF, (1, 3, 0, 2)).reshape(H, F, B * M)
 
 
-def heads_back(x_HFX: jax.Array, B: int, M: int) -> jax.Array:
+def _heads_back(x_HFX: jax.Array, B: int, M: int) -> jax.Array:
   """(H, F, B * M) -> (B, H, M, F)."""
   H, F, _ = x_HFX.shape
   return jnp.transpose(x_HFX.reshape(H, F, B, M), (2, 0, 3, 1))
@@ -94,7 +94,7 @@ def pack_heads_first(codes_HRBM: jax.Array, width_HR: jax.Array, num_bits: int) 
   # pieces past the stream are zero (sum(w) <= num_bits): they land in a spare row, then dropped
   word = jax.vmap(lambda r, p: jnp.zeros((nwords + 1, B * M), jnp.uint32).at[r].add(p, mode='drop'))(
       jnp.minimum(rows, nwords), pieces)
-  return _to_bytes(heads_back(word[:, :nwords], B, M), nbytes)
+  return _to_bytes(_heads_back(word[:, :nwords], B, M), nbytes)
 
 
 def unpack_heads_first(stream_BHMP: jax.Array, width_HR: jax.Array) -> jax.Array:

@@ -298,10 +298,10 @@ class TransformCodeBase(Compressor):
               'k': jnp.zeros((B, H, 0, k_BHSD.shape[-1]), jnp.float32), 'size': None,
               'valid': jnp.zeros((B, H, 0), bool)}
     coef = view['coef'] or {t: self.project(params, t, view[t]) for t in _TENSORS}   # exact -> coded
-    held = view['valid'].shape[-1]
-    size = jnp.ones((B, H, held), jnp.float32) if view['size'] is None else view['size'].astype(jnp.float32)
-    if held + S <= stage.slots:          # every candidate keeps its slot: the scale is appended
-      assert held + S == stage.slots, (stage, held, S)
+    n_held = view['valid'].shape[-1]
+    size = jnp.ones((B, H, n_held), jnp.float32) if view['size'] is None else view['size'].astype(jnp.float32)
+    if n_held + S <= stage.slots:        # every candidate keeps its slot: the scale is appended
+      assert n_held + S == stage.slots, (stage, n_held, S)
       return {**{t: cat_coef(coef[t], new[t]) for t in _TENSORS},
               'valid': jnp.ones((B, H, stage.slots), bool),
               'size': cat(size, jnp.ones((B, H, S), jnp.float32)) if stage.sizes else None}
