@@ -15,7 +15,7 @@ from scipy import special
 import compander_reference
 import compress
 from compress.composed import allocation, compander, schedule
-from compress.composed.bitstream import MAX_WIDTH, pack_stream, unpack_stream
+from compress.composed.bitstream import MAX_WIDTH, pack_heads_first, unpack_heads_first
 from compress.composed.compander import dequantize, quantize
 from compress.core.budget import Budget, CacheGeometry
 
@@ -60,10 +60,11 @@ def test_bitstream_equals_a_bitwise_packer_and_round_trips(case):
   rng = np.random.default_rng(0)
   width, E = _widths(case, rng)
   codes = rng.integers(0, 2 ** 16, (2, width.shape[0], 4, width.shape[1])) % (2 ** width)[None, :, None]
-  stream = pack_stream(jnp.asarray(codes), jnp.asarray(width), E)
+  stream = pack_heads_first(jnp.asarray(codes.transpose(1, 3, 0, 2)), jnp.asarray(width), E)  # (H, R, B, M)
   assert stream.dtype == jnp.uint8 and stream.shape == (2, width.shape[0], 4, -(-E // 8))
   np.testing.assert_array_equal(np.asarray(stream), numpy_pack(codes, width, E))
-  np.testing.assert_array_equal(np.asarray(unpack_stream(stream, jnp.asarray(width))), codes)
+  back = np.asarray(unpack_heads_first(stream, jnp.asarray(width)))              # (H, R, B, M)
+  np.testing.assert_array_equal(back.transpose(2, 0, 3, 1), codes)
 
 
 def test_quantiser_codes_read_backs_and_no_drift():

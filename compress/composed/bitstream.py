@@ -66,6 +66,16 @@ def _to_words(stream_BHMP: jax.Array) -> jax.Array:
   return jnp.concatenate([words, tail[..., None]], axis=-1)
 
 
+def _layout(width_HR: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Where each code sits: (first word (H, R), bit offset in it (H, R, 1) uint32, width mask (H, R, 1)
+  uint32, a traced True for `held`)."""
+  w = width_HR.astype(jnp.int32)
+  offset = jnp.cumsum(w, axis=-1) - w                                           # (H, R)
+  mask = (jnp.uint32(1) << w.astype(jnp.uint32)) - 1
+  valid = jnp.all(w >= 0)                            # always true; traced, so XLA keeps the boundary
+  return offset // 32, (offset % 32).astype(jnp.uint32)[..., None], mask[..., None], valid
+
+
 def pack_heads_first(codes_HRBM: jax.Array, width_HR: jax.Array, num_bits: int) -> jax.Array:
   """Codes heads first (H, R, B, M) (< 2^w) -> (B, H, M, ceil(num_bits / 8)) uint8 streams.
 
@@ -77,18 +87,13 @@ def pack_heads_first(codes_HRBM: jax.Array, width_HR: jax.Array, num_bits: int) 
   H, R, B, M = codes_HRBM.shape
   nbytes = -(-num_bits // 8)
   nwords = -(-nbytes // 4)
-  w = width_HR.astype(jnp.int32)
-  offset = jnp.cumsum(w, axis=-1) - w                                           # (H, R)
-  mask = (jnp.uint32(1) << w.astype(jnp.uint32)) - 1
+  first, shift, mask, valid = _layout(width_HR)
   # the codes as uint16, held in memory (module doc: fused into the pieces below, their whole producer
   # ran once per piece)
-  valid = jnp.all(w >= 0)                            # always true; traced, so XLA keeps the boundary
   code = held(codes_HRBM.astype(jnp.uint32).astype(jnp.uint16).reshape(H, R, B * M), valid)
-  code = code.astype(jnp.uint32) & mask[..., None]                              # (H, R, BM)
-  shift = (offset % 32).astype(jnp.uint32)[..., None]
+  code = code.astype(jnp.uint32) & mask                                         # (H, R, BM)
   low = code << shift                                # the bits that stay in word o // 32
   high = (code >> 1) >> (31 - shift)                 # the rest, in the next word (0 when shift = 0)
-  first = offset // 32
   rows = jnp.concatenate([first, first + 1], axis=1)                            # (H, 2R)
   pieces = jnp.concatenate([low, high], axis=1)                                 # (H, 2R, BM)
   # pieces past the stream are zero (sum(w) <= num_bits): they land in a spare row, then dropped
@@ -103,25 +108,11 @@ def unpack_heads_first(stream_BHMP: jax.Array, width_HR: jax.Array) -> jax.Array
   The stream as uint32 words, heads first (H, W, B * M), and the codes held in memory (module doc); a
   code of <= 16 bits spans at most two words: gather their rows, shift, mask."""
   B, H, M, P = stream_BHMP.shape
-  w = width_HR.astype(jnp.int32)
-  valid = jnp.all(w >= 0)                            # always true; traced, so XLA keeps the boundary
-  offset = jnp.cumsum(w, axis=-1) - w                                           # (H, R)
-  first = offset // 32
-  shift = (offset % 32).astype(jnp.uint32)[..., None]
+  first, shift, mask, valid = _layout(width_HR)
   words = held(_heads_first(_to_words(stream_BHMP)), valid)                    # (H, W, BM)
   # a word past the stream is clipped to its last one: a code ending before it masks it out
   low = _rows(words, first) >> shift
   high = (_rows(words, first + 1) << 1) << (31 - shift)                         # 0 when shift = 0
-  mask = (jnp.uint32(1) << w.astype(jnp.uint32)) - 1
-  codes = (low | high) & mask[..., None]
+  codes = (low | high) & mask
   return held(codes.astype(jnp.int32), valid).reshape(H, -1, B, M)
 
-
-def pack_stream(codes_BHMR: jax.Array, width_HR: jax.Array, num_bits: int) -> jax.Array:
-  """`pack_heads_first` of codes (B, H, M, R)."""
-  return pack_heads_first(jnp.transpose(codes_BHMR, (1, 3, 0, 2)), width_HR, num_bits)
-
-
-def unpack_stream(stream_BHMP: jax.Array, width_HR: jax.Array) -> jax.Array:
-  """Inverse of `pack_stream`: (B, H, M, P) uint8 -> (B, H, M, R) int32 codes."""
-  return jnp.transpose(unpack_heads_first(stream_BHMP, width_HR), (2, 0, 3, 1))
