@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from var_jax import winograd
 from var_jax.config import VQVAEConfig
 from var_jax.interp import area_matrix, bicubic_matrix, resize_area, resize_bicubic
 from var_jax.quant import VectorQuantizer, phi_index
@@ -76,7 +77,12 @@ def test_idx_to_var_input_matches_official(official, ref):
   np.testing.assert_allclose(np.asarray(got), ref['out/var_input'], rtol=1e-5, atol=1e-6)
 
 
-def test_idx_to_img_matches_official(official, ref):
+@pytest.mark.parametrize('conv_path', ['xla', 'winograd'])
+def test_idx_to_img_matches_official(official, ref, conv_path, monkeypatch):
+  """Within the official tolerance with every 3x3 ResnetBlock convolution as XLA's, or as Winograd's
+  (var_jax/winograd.py; by default only where it is faster: here the 64 px level)."""
+  monkeypatch.setattr(winograd, 'MIN_SIDE', 10 ** 9 if conv_path == 'xla' else 4)
+  monkeypatch.setattr(winograd, 'MIN_CHANNELS', 1)
   got = np.asarray(nnx.jit(lambda m, i: m.idx_to_img(i))(official, ref_idx(ref)))
   want = nchw_to_nhwc(ref['out/reconstruction'])
   assert got.shape == (2, 64, 64, 3) and got.min() >= -1 and got.max() <= 1

@@ -5,9 +5,10 @@ runs, with the same arguments: `_start`, every scale's `_scale_step` (VAR blocks
 sampling + the VQ-VAE's f_hat update) and `_decode` (the VQ-VAE decoder), and sums each one's
 `cost_analysis()['flops']` (XLA counts a multiply-add as 2 FLOPs; elementwise ops count too).
 The decode's upsampling convolutions run as low-resolution phase convolutions
-(`var_jax.vae_blocks.upsample_conv3x3`: 2.25x fewer FLOPs than convolving the upsampled map), so the
-compiled count is below the official algorithm's; `decode_official` counts the decode as the official
-code computes it (upsample, then a 3 x 3 conv), and `model_total` uses it: model FLOPs per second over the
+(`var_jax.vae_blocks.upsample_conv3x3`: 2.25x fewer FLOPs than convolving the upsampled map) and its
+large 3 x 3 ones as Winograd's (`var_jax.winograd`: 4x fewer multiplies), so the compiled count is
+below the official algorithm's; `decode_official` counts the decode as the official code computes it
+(upsample, then a 3 x 3 conv; every conv direct), and `model_total` uses it: model FLOPs per second over the
 peak is the model FLOPs utilisation (MFU), which does not rise by doing less arithmetic.
 `peak_matmul_flops` times a 2048 x 2048 fp32 matmul in jax: the throughput this machine's XLA reaches
 on the best-shaped dense work, the denominator of the achieved share.
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from var_jax import sampling
-from var_jax.vae_blocks import Upsample2x
+from var_jax.vae_blocks import ResnetBlock, Upsample2x
 
 
 def _flops(compiled) -> float:
@@ -71,7 +72,7 @@ def generate_flops(var, vae, policy, labels_B, *, cfg: float, top_k: int, top_p:
   decode = _flops(sampling._decode.lower(vae_graph, vae_state, f_hat).compile())
   official = nnx.clone(vae)
   for _, module in nnx.iter_modules(official):
-    if isinstance(module, Upsample2x):
+    if isinstance(module, (Upsample2x, ResnetBlock)):
       module.direct = True
   off_graph, off_state = nnx.split(official)
   decode_official = _flops(sampling._decode.lower(off_graph, off_state, f_hat).compile())
