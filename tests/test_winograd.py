@@ -17,7 +17,8 @@ def correlate64(x_BHWC: np.ndarray, k_33IO: np.ndarray, b_O: np.ndarray) -> np.n
              for y in range(3) for x in range(3)) + b_O
 
 
-@pytest.mark.parametrize('points', [winograd.POINTS, (0.0, 1.0, -1.0, 2.0, -2.0), (0.0, 0.5, -0.5, 3.0, -1.5)])
+@pytest.mark.parametrize('points', [winograd.POINTS, (0.0, 1.0, -1.0, 2.0, -2.0),
+                                    (0.0, 0.5, -0.5, 3.0, -1.5)])
 def test_matrices_compute_the_correlation(points):
   """A^T [(G g) * (B^T d)] is the 1-D correlation of a 6-sample input with a 3-tap filter, exactly."""
   a_t, g, b_t = winograd.matrices(points)
@@ -79,6 +80,7 @@ def test_applies_only_where_it_pays():
   assert not winograd.applies((2, 32, 32, 320), (3, 3, 320, 320), 1)            # small map
   assert not winograd.applies((2, 256, 256, 3), (3, 3, 3, 160), 1)              # RGB input
   assert not winograd.applies((2, 130, 128, 160), (3, 3, 160, 160), 1)          # side not 4k
+  assert not winograd.applies((2, 256, 256, 160), (3, 3, 160, 160), 1, jnp.bfloat16)
 
 
 def test_strip_rows_divides_and_targets_the_step_size():
@@ -124,6 +126,7 @@ def test_conv_benchmark_runs_and_its_two_decodes_agree():
   out = subprocess.run([sys.executable, '-m', 'eval.bench.conv', '--size=d2-tiny', '--batch=1', '--runs=1'],
                        capture_output=True, text=True, check=True, timeout=300)
   row = json.loads(out.stdout.strip().splitlines()[-1])
-  assert len(row['convs']) == 7 and all(c['xla_ms'] > 0 and c['winograd_ms'] > 0 for c in row['convs'].values())
+  assert len(row['convs']) == 7
+  assert all(c['xla_ms'] > 0 and c['winograd_ms'] > 0 for c in row['convs'].values())
   assert row['convs']['64px 32->32']['applies'] and not row['convs']['32px 32->32']['applies']
   assert 0 < row['decode_max_abs_diff'] < 1e-5 and set(row['decode_s']) == {'xla', 'default'}

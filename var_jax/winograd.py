@@ -59,12 +59,15 @@ _IN_EE = np.kron(_B_T, _B_T).astype(np.float32)      # (36, 36): tile (a, c) -> 
 _OUT_OE = np.kron(_A_T, _A_T).astype(np.float32)     # (16, 36): products -> output (y, x)
 
 
-def applies(shape_BHWC: tuple[int, ...], kernel_shape: tuple[int, ...], strides=1) -> bool:
-  """Whether `conv3x3` is the faster way for a SAME 3x3 convolution of this shape and stride (an int or
-  a pair; None is 1) on this backend (CPU only: accelerators have their own convolution kernels)."""
+def applies(shape_BHWC: tuple[int, ...], kernel_shape: tuple[int, ...], strides=1,
+            dtype=jnp.float32) -> bool:
+  """Whether `conv3x3` is the faster way for a SAME 3x3 convolution of this shape, stride (an int or a
+  pair; None is 1) and input dtype on this backend (CPU and float32 only: accelerators have their own
+  convolution kernels, and lower precisions lack the digits the transforms cancel)."""
   _, H, W, C = shape_BHWC
   strides = (strides or 1,) * 2 if isinstance(strides, int) or strides is None else tuple(strides)
-  return (jax.default_backend() == 'cpu' and tuple(kernel_shape[:2]) == (3, 3)
+  return (jax.default_backend() == 'cpu' and jnp.dtype(dtype) == jnp.float32
+          and tuple(kernel_shape[:2]) == (3, 3)
           and strides == (1, 1) and H % 4 == 0 and W % 4 == 0
           and min(H, W) >= MIN_SIDE and C >= MIN_CHANNELS)
 

@@ -73,7 +73,8 @@ def main(argv):
     xla = lambda x, k, b: jax.lax.conv_general_dilated(jax.nn.silu(x), k, (1, 1), 'SAME',
                                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + b
     wino = lambda x, k, b: winograd.conv3x3(jax.nn.silu(x), k, b)
-    fns = {n: jax.jit(f).lower(x, k, b).compile(compiler_options=opts) for n, f in (('xla', xla), ('winograd', wino))}
+    fns = {n: jax.jit(f).lower(x, k, b).compile(compiler_options=opts)
+           for n, f in (('xla', xla), ('winograd', wino))}
     t = _timed(fns, {n: (x, k, b) for n in fns}, FLAGS.runs)
     convs[f'{side}px {c_in}->{c_out}'] = {
         'xla_ms': round(1e3 * t['xla'], 2), 'winograd_ms': round(1e3 * t['winograd'], 2),
