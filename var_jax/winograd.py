@@ -6,7 +6,8 @@ that covers it: 36 multiplies per channel pair instead of 144 (4x fewer), plus t
 Here both transforms are small matmuls (kron(B^T, B^T): 36 -> 36, kron(A^T, A^T): 36 -> 16) and the
 36 products one batched matmul over the channels, per strip of tile rows, in a `lax.scan` over
 (image, strip) so that a strip's tiles stay in cache and the outputs land in place (no transpose of
-the output map).
+the output map). The scan runs over images too: a decode whose batch is sharded over several CPU
+devices would gather it (the project's decodes run on one device; accelerators never take this path).
 
 The matrices come from the Cook-Toom construction on the points (0, 1, -1, 2, -1/2) and infinity,
 the set of the usual ones (0, +-1, +-2, +-1/2) with the smallest fp32 error measured (random 160-channel
