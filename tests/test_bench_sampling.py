@@ -62,14 +62,11 @@ def test_full_cache_bytes_are_its_arrays(tiny):
 
 def test_generate_flops_cover_the_linear_layers(tiny):
   from flax import nnx
-  from var_jax.vae_blocks import ResnetBlock, Upsample2x
+  from var_jax.vae_blocks import ResnetBlock, Upsample2x, direct_clone
   var, vae = tiny
   cfg = var.cfg
   # the ResnetBlocks' convolutions direct (no Winograd) for the closed form below; Winograd's at the end
-  direct = nnx.clone(vae)
-  for _, m in nnx.iter_modules(direct):
-    if isinstance(m, ResnetBlock):
-      m.direct = True
+  direct = direct_clone(vae, (ResnetBlock,))
   policy = FullCache(tuple(cfg.patch_nums))
   f = flops_lib.generate_flops(var, direct, policy, [3], cfg=1.5, top_k=0, top_p=0.0)
   C = cfg.width

@@ -17,7 +17,8 @@ from flax import nnx
 from var_jax import winograd
 
 __all__ = ['AttnBlock', 'Decoder', 'Downsample2x', 'Encoder', 'GroupNorm', 'Level', 'MidBlock', 'ResnetBlock',
-           'Upsample2x', 'conv', 'conv3x3_narrow', 'same_conv', 'uniform_init', 'upsample_conv3x3']
+           'Upsample2x', 'conv', 'conv3x3_narrow', 'direct_clone', 'same_conv', 'uniform_init',
+           'upsample_conv3x3']
 
 GN_GROUPS = 32
 GN_EPS = 1e-6
@@ -171,6 +172,17 @@ class ResnetBlock(nnx.Module):
     h = conv3x3(self.conv2, jax.nn.silu(self.norm2(h)))
     skip = x_BHWC if self.nin_shortcut is None else self.nin_shortcut(x_BHWC)
     return skip + h
+
+
+def direct_clone(model: nnx.Module, kinds: tuple[type, ...] | None = None) -> nnx.Module:
+  """A copy of `model` whose modules of `kinds` (default: `ResnetBlock` and `Upsample2x`) compute their
+  convolutions as the official code does (`direct=True`); `model` is left as it is."""
+  kinds = (ResnetBlock, Upsample2x) if kinds is None else kinds
+  out = nnx.clone(model)
+  for _, module in nnx.iter_modules(out):
+    if isinstance(module, kinds):
+      module.direct = True
+  return out
 
 
 class AttnBlock(nnx.Module):

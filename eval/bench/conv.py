@@ -23,7 +23,7 @@ from flax import nnx
 
 from var_jax import cli, random_init, sampling, winograd, xla_cpu
 from var_jax.config import SIZES
-from var_jax.vae_blocks import ResnetBlock
+from var_jax.vae_blocks import ResnetBlock, direct_clone
 
 FLAGS = flags.FLAGS
 
@@ -80,10 +80,7 @@ def main(argv):
         'xla_ms': round(1e3 * t['xla'], 2), 'winograd_ms': round(1e3 * t['winograd'], 2),
         'speedup': round(t['xla'] / t['winograd'], 3),
         'applies': winograd.applies((B, side, side, c_in), (3, 3, c_in, c_out))}
-  direct = nnx.clone(vae)
-  for _, m in nnx.iter_modules(direct):
-    if isinstance(m, ResnetBlock):
-      m.direct = True
+  direct = direct_clone(vae, (ResnetBlock,))
   f_hat = jax.random.normal(jax.random.key(0), (B, *vae.cfg.patch_nums[-1:] * 2, vae.cfg.z_channels))
   models = {'xla': nnx.split(direct), 'default': nnx.split(vae)}
   fns = {n: sampling.compiled_decode(g, s, f_hat) for n, (g, s) in models.items()}

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from var_jax import sampling
-from var_jax.vae_blocks import ResnetBlock, Upsample2x
+from var_jax.vae_blocks import direct_clone
 
 
 def _flops(compiled) -> float:
@@ -70,11 +70,7 @@ def generate_flops(var, vae, policy, labels_B, *, cfg: float, top_k: int, top_p:
     steps.append(_flops(sampling._scale_step.lower(*args).compile()))
     _, f_hat, x, state, _, _ = sampling._scale_step(*args)
   decode = _flops(sampling._decode.lower(vae_graph, vae_state, f_hat).compile())
-  official = nnx.clone(vae)
-  for _, module in nnx.iter_modules(official):
-    if isinstance(module, (Upsample2x, ResnetBlock)):
-      module.direct = True
-  off_graph, off_state = nnx.split(official)
+  off_graph, off_state = nnx.split(direct_clone(vae))
   decode_official = _flops(sampling._decode.lower(off_graph, off_state, f_hat).compile())
   return {'var_steps': steps, 'start': start, 'decode': decode, 'decode_official': decode_official,
           'total': start + sum(steps) + decode, 'model_total': start + sum(steps) + decode_official}
