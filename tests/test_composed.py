@@ -188,6 +188,41 @@ def test_fewer_slots_merge_and_count_their_sizes(budget, plan, sink):
     assert stage.bits() <= comp.budget.bits and tree_bits(state) == 2 * H * stage.bits()
 
 
+@pytest.mark.parametrize('budget, keep, merging', [('10%', 0.4, True), ('60%', 0.4, True), ('25%', 0.0, False),
+                                                   ('10%', 0.0, True), ('60%', 1.0, False)])
+def test_one_softmax_where_nothing_merges(budget, keep, merging, monkeypatch):
+  """A scale that merges nothing needs no attention probabilities: the step attends with one softmax
+  over held and new entries (as the full cache). `merges_at` names exactly the scales with more
+  candidates than slots (from the schedule: coded, tokens less the sink > slots), and the two-part
+  attention at every scale gives the same states, and the outputs to float rounding."""
+  g = CacheGeometry((1, 2, 3, 4, 5), D)
+  comp = compress.make('composed', g, budget, keep=keep)
+  p0 = jax.tree.map(lambda a: a[0], comp.init_params(jax.random.key(0), 1, H,
+                                                     calibration=calib(5, patch_nums=g.patch_nums)))
+  x = {t: jnp.asarray(a[0]) for t, a in calib(6, patch_nums=g.patch_nums).items()}
+
+  def steps():
+    state, outs, states = comp.init_state(2, H), [], []
+    for si, (start, S) in enumerate(zip(g.scale_starts, g.scale_sizes)):
+      out, state = comp.step(p0, state, *(x[t][:, :, start:start + S] for t in 'qkv'), si,
+                             compress.StepContext())
+      outs.append(np.asarray(out))
+      states.append(state)
+    return np.concatenate(outs, axis=2), states
+
+  asked, merges_at = [], type(comp).merges_at
+  monkeypatch.setattr(type(comp), 'merges_at', lambda self, *a: asked.append(merges_at(self, *a)) or asked[-1])
+  out, states = steps()
+  # asked at scales 1 .. K - 2 (scale 0 holds nothing before it, the last one stores nothing)
+  want = [s.mode == 'coded' and s.tokens - s.sink > s.slots for s in comp.stages()]
+  assert asked == want[1:] and any(want) == comp.merging == merging, (asked, want)
+  monkeypatch.setattr(type(comp), 'merges_at', lambda self, *a: True)       # probabilities everywhere
+  out2, states2 = steps()
+  np.testing.assert_allclose(out, out2, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(states), jax.tree.leaves(states2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.parametrize('keep', [1.0, 0.5])
 def test_learned_relaxation_equals_the_hard_path(keep):
   g = CacheGeometry((1, 2, 3, 4), D)

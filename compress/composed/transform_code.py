@@ -277,7 +277,7 @@ class TransformCodeBase(Compressor):
         view = {**view, **{t: view[t][:, :, n0:] for t in _TENSORS}, 'valid': view['valid'][..., n0:]}
       else:
         sink = view['sink']
-      p_cache = p_cache[..., n0:]
+      p_cache = None if p_cache is None else p_cache[..., n0:]
     x = self._absorb_entries(params, stage, view, k_BHSD, v_BHSD, p_cache, p_new)
     return x if stage.mode == 'exact' else {**x, 'sink': sink}
 
@@ -360,15 +360,30 @@ class TransformCodeBase(Compressor):
     return Slots(k=stream, v=jnp.zeros(stream.shape[:3] + (0,), jnp.uint8), count=count, extra=extra,
                  header=header)
 
+  def merges_at(self, stage: schedule.Stage, view, num_new: int) -> bool:
+    """Whether absorbing a scale of `num_new` tokens into `stage` merges entries (the one use of the
+    scale's attention probabilities): more candidates (held, less a sink split off now, plus new) than
+    slots, as `_absorb_entries` decides."""
+    if stage.mode != 'coded':
+      return False
+    held_now = 0 if view is None else view['valid'].shape[-1]
+    if stage.sink and view is not None and view['coef'] is None:     # exact -> coded: the sink leaves
+      held_now -= stage.sink
+    return held_now + num_new > stage.slots
+
   def compress_step(self, params, state: Slots, q_BHSD, k_BHSD, v_BHSD, scale: int, ctx):
     del ctx
     self._check_params(params)
     plan = self.stages()
     view = self._view(params, state, plan[scale - 1] if scale > 0 else None)
-    if self.is_last(scale) and view is not None:        # no probabilities needed: one softmax
-      return attend_output(q_BHSD, *self.held_entries(view), k_BHSD, v_BHSD), state
-    out, p_cache, p_new = self.attend_view(view, q_BHSD, k_BHSD, v_BHSD)
-    if self.is_last(scale):
+    last = self.is_last(scale)
+    if view is not None and (last or not self.merges_at(plan[scale], view, k_BHSD.shape[2])):
+      # no probabilities needed: one softmax over held and new entries (as the full cache attends)
+      out = attend_output(q_BHSD, *self.held_entries(view), k_BHSD, v_BHSD)
+      p_cache = p_new = None
+    else:
+      out, p_cache, p_new = self.attend_view(view, q_BHSD, k_BHSD, v_BHSD)
+    if last:
       return out, state
     x = self.absorb(params, plan[scale], view, k_BHSD, v_BHSD, p_cache, p_new)
     return out, self._store(params, plan[scale], x, *k_BHSD.shape[:2])
