@@ -257,15 +257,15 @@ def test_parameters_of_another_schedule_are_refused():
 @pytest.mark.parametrize('N, M', [(40, 12), (300, 120)])            # one-hot matmul, then scatter-add
 def test_group_means_equal_numpy(N, M):
   """A merge's group means and sizes (both implementations, chosen by N x M) against numpy loops."""
-  from compress.composed.transform_code import _SEGMENT_MIN, _group_means
-  assert (N * M >= _SEGMENT_MIN) == (N == 300)
+  from compress.composed.groups import SEGMENT_MIN, group_means
+  assert (N * M >= SEGMENT_MIN) == (N == 300)
   rng = np.random.default_rng(N)
   rows = rng.permutation(N)[:M]
   target = np.where(rng.random(N) < 0.2, N, rows[rng.integers(0, M, N)])    # some in no group
   target[rows] = rows
   w, size, x = rng.random(N) + 0.1, rng.integers(1, 5, N).astype(np.float64), rng.normal(size=(N, 6))
-  got, got_size = _group_means(*(jnp.asarray(a, jnp.float32) if a.dtype.kind == 'f' else jnp.asarray(a)
-                                 for a in (rows, target, w, x, size)))
+  got, got_size = group_means(*(jnp.asarray(a, jnp.float32) if a.dtype.kind == 'f' else jnp.asarray(a)
+                                for a in (rows, target, w, x, size)))
   for j, r in enumerate(rows):
     members = target == r
     np.testing.assert_allclose(np.asarray(got[j]), (w[members, None] * x[members]).sum(0) / w[members].sum(),

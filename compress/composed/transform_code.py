@@ -35,6 +35,7 @@ import numpy as np
 from compress.composed import allocation, schedule
 from compress.composed.compander import dequantize, quantize
 from compress.composed.bitstream import held, pack_heads_first, unpack_heads_first
+from compress.composed.groups import group_means
 from compress.core.accounting import COUNT_DTYPE
 from compress.core.attention import attend, attend_output
 from compress.core.interface import Compressor
@@ -46,27 +47,6 @@ _TENSORS = ('k', 'v')
 # merge weights: the attention mass plus this much per token the entry stands for (keeps every group's
 # weight >= 1e-6, so that the learned relaxation's gradients stay finite when masses underflow)
 _SIZE_FLOOR = 1e-6
-
-
-# candidates x slots from which a merge's group sums are a scatter-add, not a one-hot matmul: at d16
-# (359 x 190 and 424 x 287, 128 features, 256 sequence-heads) the matmul takes 93 / 123 ms against 50 /
-# 56 ms; at the default model's generation shapes (77 x 41, 1920 sequence-heads) it was the faster,
-# 70 against 82 ms (session 11), and its rows keep their rounding (this 2-core CPU)
-_SEGMENT_MIN = 16384
-
-
-def _group_means(rows_M: jax.Array, target_N: jax.Array, weight_N: jax.Array, x_NF: jax.Array,
-                 size_N: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """For each row r of `rows_M`: sum_{i: target_i = r} w_i x_i / sum w_i (0 for an empty group) (M, F),
-  and the group's total size (M,). target_i = N: member of no group."""
-  N, M = target_N.shape[0], rows_M.shape[0]
-  if N * M < _SEGMENT_MIN:
-    onehot_MN = (target_N[None, :] == rows_M[:, None]).astype(jnp.float32)
-    num, den, size = (onehot_MN * weight_N[None, :]) @ x_NF, onehot_MN @ weight_N, onehot_MN @ size_N
-  else:
-    sums = lambda a: jax.ops.segment_sum(a, target_N, num_segments=N + 1)[rows_M]
-    num, den, size = sums(weight_N[:, None] * x_NF), sums(weight_N), sums(size_N)
-  return jnp.where(den[:, None] > 0, num / jnp.where(den > 0, den, 1.0)[:, None], 0.0), size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,7 +305,7 @@ class TransformCodeBase(Compressor):
 
     def one(k_ND, x_NF, size_N, score_N, mass_N, ok_N):
       idx, keep, target = nearest_kept(k_ND, score_N, ok_N, m, self.threshold)   # kept ones first
-      x, group_size = _group_means(idx, target, mass_N + _SIZE_FLOOR * size_N, x_NF, size_N)
+      x, group_size = group_means(idx, target, mass_N + _SIZE_FLOOR * size_N, x_NF, size_N)
       return x, jnp.where(keep, group_size, 0.0), keep
 
     x, size, keep = jax.vmap(jax.vmap(one))(keys, payload, size, score, mass, valid)
