@@ -98,31 +98,44 @@ def test_generate_flops_cover_the_linear_layers(tiny):
   assert w['decode'] < f['decode'] - 0.1 * extra
 
 
-@pytest.mark.parametrize('name', ['kivi', 'cam', 'composed'])
+@pytest.mark.parametrize('name', ['full', 'kivi', 'cam', 'composed'])
 def test_profiled_attention_is_the_policys_attention(tiny, name):
-  """The profile's attention piece (over the decoded held entries) gives the policy's own outputs."""
+  """The profile's attention piece (one softmax over the decoded held entries and the new scale; the
+  full cache: over its written prefix) gives the policy's own outputs at every scale, and so does the
+  two-part softmax (`attend`) on the same views."""
   import jax
   var, vae = tiny
   cfg = var.cfg
-  comp = compress.make(name, CacheGeometry(tuple(cfg.patch_nums), cfg.head_dim), '25%')
-  params, _ = policy_params(comp, var, vae, params_from=None, images=1, sequences=0)
-  policy = CompressorPolicy(comp, params)
-  assert not comp.passthrough
+  if name == 'full':
+    policy, params = FullCache(tuple(cfg.patch_nums)), None
+  else:
+    comp = compress.make(name, CacheGeometry(tuple(cfg.patch_nums), cfg.head_dim), '25%')
+    params, _ = policy_params(comp, var, vae, params_from=None, images=1, sequences=0)
+    policy = CompressorPolicy(comp, params)
+    assert not comp.passthrough
   qkv = prof.captured_qkv(var, vae, [1, 4], seed=0, cfg=1.5, top_k=0, top_p=0.0)
   state = policy.init(4, cfg.num_heads, cfg.head_dim, cfg.depth, patch_nums=tuple(cfg.patch_nums))
+  offsets = prof.scale_offsets(cfg.patch_nums)
   for scale, qkv_s in enumerate(qkv):
-    views = [prof.held_view(policy, state[l], scale,
-                            None if params is None else jax.tree.map(lambda a: a[l], params))
-             for l in range(cfg.depth)]
-    got = []
-    for view, (q, k, v) in zip(views, qkv_s):
-      if view is None:
-        z = q[:, :, :0]
-        view = (z, z, np.zeros(z.shape[:3], bool), None)
-      got.append(np.asarray(attend(q, *view, k, v)[0]))     # before the step donates the state
+    if name == 'full':
+      written = [s.write(offsets[scale], k, v) for s, (_, k, v) in zip(state, qkv_s)]
+      got = [np.asarray(o) for o in prof._full_attention_only(written, qkv_s, end=offsets[scale + 1])]
+      two_part = got
+    else:
+      views = [prof.held_view(policy, state[l], scale,
+                              None if params is None else jax.tree.map(lambda a: a[l], params))
+               for l in range(cfg.depth)]
+      got = [np.asarray(o) for o in prof._attention_only(views, qkv_s)]   # before the step donates
+      two_part = []
+      for view, (q, k, v) in zip(views, qkv_s):
+        if view is None:
+          z = q[:, :, :0]
+          view = (z, z, np.zeros(z.shape[:3], bool), None)
+        two_part.append(np.asarray(attend(q, *view, k, v)[0]))
     outs, state = prof._policy_scale(policy, scale, state, qkv_s, params)
-    for g, o in zip(got, outs):
+    for g, t, o in zip(got, two_part, outs):
       np.testing.assert_allclose(g, np.asarray(o), rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(t, np.asarray(o), rtol=1e-5, atol=1e-6)
 
 
 def test_composed_runs_with_parameters_calibrated_on_generated_images(tiny):
@@ -153,3 +166,58 @@ def test_params_from_a_workdir_without_the_run_says_what_to_do(tiny, tmp_path):
   with pytest.raises(FileNotFoundError, match='has no capture/'):
     policy_params(compress.make('composed', geometry, '10%'), var, vae, params_from=str(tmp_path),
                   images=1, sequences=4)
+
+
+def _coded_entries_per_scale(comp, params_layer, qkv_per_scale):
+  """{scale: (entries read back, entries coded)} from the coded states composed's steps actually hold
+  (their streams' entry axis: (B, H, entries, bytes)), for the scales that read or code any."""
+  plan, state, before, out = comp.stages(), None, 0, {}
+  for scale, (q, k, v) in enumerate(qkv_per_scale):
+    state = comp.init_state(*k.shape[:2]) if state is None else state
+    _, state = comp.step(params_layer, state, q, k, v, scale)
+    coded = state.k.shape[2] if not comp.is_last(scale) and plan[scale].mode == 'coded' else 0
+    if before or coded:
+      out[scale] = (before, coded)
+    before = coded
+  return out
+
+
+def test_composed_step_bench_counts_the_coefficients_its_states_hold(tiny):
+  """eval.bench.composed_step: a row for every scale whose step reads back or codes entries, and the
+  coefficients it counts there equal the entries of the coded states the step actually reads and writes
+  x 2 x head_dim x sequence-heads; at d16's geometry too, whose 25 % keeps the start token exact beside
+  the coded entries (the sink, not in the stream)."""
+  import jax
+  from eval.bench import composed_step
+  from var_jax.config import SIZES
+  var, vae = tiny
+  cfg = var.cfg
+  comp = compress.make('composed', CacheGeometry(tuple(cfg.patch_nums), cfg.head_dim), '25%')
+  rows = composed_step.bench(var, vae, budget='25%', batch=1, layer=0, runs=1, calibrate_images=1)
+  params, _ = policy_params(comp, var, vae, params_from=None, images=1, sequences=0)
+  qkv = [s[0] for s in prof.captured_qkv(var, vae, [0], seed=0, cfg=1.5, top_k=900, top_p=0.96)]
+  BH = qkv[0][1].shape[0] * qkv[0][1].shape[1]
+  want = _coded_entries_per_scale(comp, jax.tree.map(lambda a: a[0], params), qkv)
+  assert want, 'the tiny model at 25 % codes nothing: pick a budget that does'
+  per = 2 * cfg.head_dim * BH
+  assert {r['scale']: (r['read_back'], r['coded']) for r in rows} == {
+      s: (a * per, b * per) for s, (a, b) in want.items()}
+  for r in rows:
+    assert r['full'] > 0 and r['composed'] > 0 and ('decode' in r) == (r['read_back'] > 0)
+  table = composed_step.markdown(rows).splitlines()
+  assert len(table) == 2 + len(rows) + 1 and table[-1].startswith('| all |')
+  assert f"{sum(r['composed'] - r['full'] for r in rows):+.2f}" in table[-1]
+  # d16's schedule (a sink at 25 %) on random caches of its geometry: 1 sequence, 2 heads
+  d16 = SIZES['d16']
+  g = CacheGeometry(tuple(d16.patch_nums), d16.head_dim)
+  comp = compress.make('composed', g, '25%')
+  assert any(st.sink for st in comp.stages())
+  rng = np.random.default_rng(0)
+  L = sum(p * p for p in d16.patch_nums)
+  cal = {t: rng.normal(size=(1, 2, 2, L, d16.head_dim)).astype(np.float32) for t in 'qkv'}
+  p = jax.tree.map(lambda a: a[0], comp.init_params(None, 1, 2, calibration=cal))
+  qkv = [tuple(cal[t][0, :1, :, st:st + n] for t in 'qkv') for st, n in zip(g.scale_starts, g.scale_sizes)]
+  want = _coded_entries_per_scale(comp, p, qkv)
+  per = 2 * d16.head_dim * 2
+  assert {s: composed_step.coded_coefficients(comp, s, 2) for s in want} == {
+      s: (a * per, b * per) for s, (a, b) in want.items()}

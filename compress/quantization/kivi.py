@@ -125,6 +125,15 @@ class QuantCache(Compressor):
     """Dequantised (k, v), float32 (B, H, M, D); of the first n slots only when n is given."""
     return self._decode_one(state, 'k', n), self._decode_one(state, 'v', n)
 
+  def attended_entries(self, state: Slots, scale: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """What the step at `scale` attends to beside the scale's tokens: keys, values float32 (B, H, n, D)
+    and validity (B, H, n). While start <= M, slots [0, start) hold every token so far (nothing is
+    evicted before the cache is full) and the rest are empty: only the held ones are decoded (the empty
+    ones would get zero probability), n = min(start, M)."""
+    held = min(self.geometry.scale_starts[scale], state.capacity)
+    ck, cv = self.decode(state, held)
+    return ck, cv, state.valid[:, :, :held]
+
   def _append(self, state: Slots, ck, cv, k_BHSD, v_BHSD, start: int) -> Slots:
     """The step's store when the scale fits whole after the `start` kept entries (static): the S new
     tokens go to slots [start, start + S), exactly as `plan_slots`' static append places them. Only what
@@ -189,12 +198,8 @@ class QuantCache(Compressor):
     del params, ctx
     M = state.capacity
     start, S = self.geometry.scale_starts[scale], k_BHSD.shape[2]
-    # while start <= M, slots [0, start) hold every token so far (nothing is evicted before the cache is
-    # full) and the rest are empty: decode and attend over the held ones only (the empty ones would get
-    # zero probability)
-    held = min(start, M)
-    ck, cv = self.decode(state, held)
-    held_valid = state.valid[:, :, :held]
+    ck, cv, held_valid = self.attended_entries(state, scale)
+    held = held_valid.shape[-1]
     appends = start + S <= M and 'score' not in state.extra   # the scale fits whole: code only what it adds
     if self.is_last(scale) or M == 0 or appends:
       out = attend_output(q_BHSD, ck, cv, held_valid, None, k_BHSD, v_BHSD)
