@@ -221,3 +221,10 @@ def test_composed_step_bench_counts_the_coefficients_its_states_hold(tiny):
   per = 2 * d16.head_dim * 2
   assert {s: composed_step.coded_coefficients(comp, s, 2) for s in want} == {
       s: (a * per, b * per) for s, (a, b) in want.items()}
+
+
+def test_composed_step_bench_refuses_a_budget_that_codes_nothing(tiny):
+  from eval.bench import composed_step
+  var, vae = tiny
+  with pytest.raises(ValueError, match='codes nothing'):
+    composed_step.bench(var, vae, budget='100%', batch=1, layer=0, runs=1, calibrate_images=1)

@@ -48,7 +48,8 @@ def _define_flags() -> None:
   flags.DEFINE_string('size', 'd16', f'model size with random weights: {", ".join(SIZES)}')
   flags.DEFINE_integer('batch', 1, 'images (2x sequences with CFG)')
   flags.DEFINE_string('budget', '25%', "composed's budget")
-  flags.DEFINE_integer('layer', 3, 'the layer whose q, k, v and parameters are used')
+  flags.DEFINE_integer('layer', None, 'the layer whose q, k, v and parameters are used (default 3, or '
+                       "a shallower model's last)")
   flags.DEFINE_integer('runs', 30, 'timed calls per piece, alternated')
   flags.DEFINE_integer('calibrate_images', 2, 'images generated with the full cache to calibrate on')
 
@@ -85,6 +86,9 @@ def bench(var, vae, *, budget: str, batch: int, layer: int, runs: int, calibrate
   """Per scale: ms of the full cache's attend, composed's step and its parts, coefficients coded."""
   cfg = var.cfg
   comp = make('composed', CacheGeometry(tuple(cfg.patch_nums), cfg.head_dim), budget)
+  if comp.passthrough or not any(st.mode == 'coded' for st in comp.stages()):
+    raise ValueError(f'composed at {budget} codes nothing (it keeps every token exact): its step is the '
+                     'full cache\'s, so there is nothing to compare; pass a smaller budget, e.g. 25%')
   params, _ = policy_params(comp, var, vae, params_from=None, images=calibrate_images, sequences=0)
   p = jax.tree.map(lambda a: jnp.asarray(a[layer]), params)
   qkv = [s[layer] for s in captured_qkv(var, vae, list(range(batch)), seed=0, cfg=1.5, top_k=900,
@@ -145,16 +149,17 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def main(argv):
   del argv
+  if FLAGS.batch < 1 or FLAGS.runs < 1 or FLAGS.calibrate_images < 1:
+    raise app.UsageError(f'--batch={FLAGS.batch}, --runs={FLAGS.runs}, --calibrate_images='
+                         f'{FLAGS.calibrate_images}: each must be at least 1')
   var, vae = random_models(FLAGS.size, 0)
-  if not 0 <= FLAGS.layer < var.cfg.depth:
-    raise app.UsageError(f'--layer={FLAGS.layer}: the {FLAGS.size} model has layers 0..{var.cfg.depth - 1}')
-  rows = bench(var, vae, budget=FLAGS.budget, batch=FLAGS.batch, layer=FLAGS.layer, runs=FLAGS.runs,
+  layer = min(3, var.cfg.depth - 1) if FLAGS.layer is None else FLAGS.layer
+  if not 0 <= layer < var.cfg.depth:
+    raise app.UsageError(f'--layer={layer}: the {FLAGS.size} model has layers 0..{var.cfg.depth - 1}')
+  rows = bench(var, vae, budget=FLAGS.budget, batch=FLAGS.batch, layer=layer, runs=FLAGS.runs,
                calibrate_images=FLAGS.calibrate_images)
-  print(f'composed {FLAGS.budget}, {FLAGS.size} layer {FLAGS.layer}, batch {FLAGS.batch} '
+  print(f'composed {FLAGS.budget}, {FLAGS.size} layer {layer}, batch {FLAGS.batch} '
         f'({2 * FLAGS.batch} sequences x {var.cfg.num_heads} heads), median of {FLAGS.runs} alternated calls')
-  if not rows:
-    raise app.UsageError(f'composed at {FLAGS.budget} keeps every token exact at every scale: nothing is '
-                         'coded, so its step is the full cache\'s; pass a budget below 100%')
   print(markdown(rows))
 
 
