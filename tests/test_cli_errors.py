@@ -38,6 +38,7 @@ BAD = {
     'eval.report.tb': ([MISSING], 'not a finished eval.frontier run'),
     'eval.report.tb_screenshot': ([MISSING, '{tmp}/shot.png'], 'python -m eval.report.tb'),
     'eval.bench.conv': (['--size=d99'], '--size must be one of'),
+    'eval.bench.composed_step': (['--size=d99'], '--size must be one of'),
     'eval.bench.frontier': (['--workdir={tmp}'], 'needs a new workdir'),
     'eval.bench.sampling': (['--size=d99'], '--size must be one of'),
     'eval.bench.vs_official': (['--official_repo', MISSING], 'git clone'),

@@ -25,7 +25,7 @@ import statistics
 import time
 from typing import Any, Callable
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 
@@ -35,6 +35,7 @@ from compress.core.budget import CacheGeometry
 from compress.core.registry import make
 from eval.bench.sampling_params import policy_params
 from eval.bench.sampling_profile import captured_qkv
+from var_jax import cli
 from var_jax.config import SIZES
 from var_jax.kvcache import FullCache
 from var_jax.random_init import random_models
@@ -149,13 +150,15 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def main(argv):
   del argv
+  if FLAGS.size not in SIZES:
+    raise cli.UserError(f'--size must be one of {", ".join(SIZES)}, got {FLAGS.size}')
   if FLAGS.batch < 1 or FLAGS.runs < 1 or FLAGS.calibrate_images < 1:
-    raise app.UsageError(f'--batch={FLAGS.batch}, --runs={FLAGS.runs}, --calibrate_images='
-                         f'{FLAGS.calibrate_images}: each must be at least 1')
+    raise cli.UserError(f'--batch={FLAGS.batch}, --runs={FLAGS.runs}, --calibrate_images='
+                        f'{FLAGS.calibrate_images}: each must be at least 1')
   var, vae = random_models(FLAGS.size, 0)
   layer = min(3, var.cfg.depth - 1) if FLAGS.layer is None else FLAGS.layer
   if not 0 <= layer < var.cfg.depth:
-    raise app.UsageError(f'--layer={layer}: the {FLAGS.size} model has layers 0..{var.cfg.depth - 1}')
+    raise cli.UserError(f'--layer={layer}: the {FLAGS.size} model has layers 0..{var.cfg.depth - 1}')
   rows = bench(var, vae, budget=FLAGS.budget, batch=FLAGS.batch, layer=layer, runs=FLAGS.runs,
                calibrate_images=FLAGS.calibrate_images)
   print(f'composed {FLAGS.budget}, {FLAGS.size} layer {layer}, batch {FLAGS.batch} '
@@ -165,4 +168,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  cli.run(main)
