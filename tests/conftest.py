@@ -6,6 +6,12 @@ XLA's CPU backend optimisation level and skip LLVM's expensive passes: the same 
 faster, with outputs equal up to float rounding, so every tolerance stays what it is. They reach the
 subprocesses the tests start (CLI runs, `eval.frontier.launch`) through the environment. XLA's defaults (what a
 user runs) are kept when XLA_FLAGS already sets either option, or with VAR_TESTS_XLA_DEFAULTS=1.
+
+Compiled programs stay in jax's caches, each XLA:CPU executable holding memory mappings: one pytest-xdist
+worker that runs half the suite reached 65,183 mappings (of vm.max_map_count's 65,530) and died in
+LLVM's compile (a segfault, "worker crashed"). After each test, with no compile in flight, the caches are
+cleared once the worker holds more than half the limit (`eval.engine.points.free_code`, what the sweep
+does between points): later tests compile again, nothing else changes.
 """
 import os
 
@@ -18,6 +24,15 @@ if os.environ.get('VAR_TESTS_XLA_DEFAULTS') != '1':
 
 
 import pytest  # noqa: E402  (after the XLA flags: they must be set before anything imports jax)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+  """After a test's own teardown: frees compiled programs past the mapping budget (see above)."""
+  del item, nextitem
+  yield
+  from eval.engine import points  # pylint: disable=g-import-not-at-top
+  points.free_code()
 
 
 @pytest.fixture(scope='session')

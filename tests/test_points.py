@@ -125,6 +125,34 @@ def test_compiled_programs_are_freed_before_mappings_run_out(tmp_path, monkeypat
   assert rows[0] == rows[10 ** 9]
 
 
+def test_test_workers_free_compiled_programs_past_the_mapping_budget(monkeypatch):
+  """tests/conftest.py's teardown hook (one xdist worker running half the suite reached vm.max_map_count
+  and died in LLVM's compile): past the budget it clears jax's caches and the executables' mappings go
+  back to the OS; under it the programs stay."""
+  import conftest  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from eval.engine import points
+
+  def teardown():                                   # the hook as pytest calls it, around the test's own
+    hook = conftest.pytest_runtest_teardown(None, None)
+    next(hook)
+    next(hook, None)
+
+  jnp.ones(3).block_until_ready()
+  before = points.mappings()
+  programs = [jax.jit(lambda x, i=i: jnp.sin(x) * i + i) for i in range(100)]
+  for f in programs:
+    f(jnp.ones(3)).block_until_ready()
+  held = points.mappings()
+  assert held - before > 200                        # measured ~3 mappings a program
+  monkeypatch.setattr(points, 'map_budget', lambda: 10 ** 9)
+  teardown()
+  assert points.mappings() > held - 50
+  monkeypatch.setattr(points, 'map_budget', lambda: held - 1)
+  teardown()
+  assert points.mappings() < before + 50
+
+
 def test_a_dev_point_with_stored_references_compiles_its_val_point(tmp_path):
   """Tuning reads dev references from a store as the val sweep does (eval/frontier/job.py), so a
   setting's val point runs the program its dev point compiled: none compiles again. Without the dev
